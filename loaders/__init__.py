@@ -1,0 +1,4 @@
+"""clipdistill.loaders: files to batches of tensors on a device (DALI GPU/CPU, PyTorch).
+
+Knows nothing of models.
+"""

@@ -1,0 +1,50 @@
+"""clipdistill: distill large CLIP teachers into prompt-tuned students.
+
+The three code folders at the top of the repository install as subpackages of
+the ``clipdistill`` namespace (``clipdistill.engine``, ``clipdistill.kernels``,
+``clipdistill.loaders``); nothing is installed under a top-level name such as
+``kernels`` or ``engine``, which would shadow other packages.
+
+Requirements are deliberately loose: users on GPUs bring their own CUDA build
+of torch. The CPU pins used by CI live in ``.ci/constraints-cpu.txt``.
+"""
+from setuptools import setup
+
+VERSION = "0.1.0"
+
+SUBPACKAGES = ("engine", "kernels", "loaders")
+
+setup(
+    name="clipdistill",
+    version=VERSION,
+    description=(
+        "Distill large CLIP teachers into prompt-tuned students on unlabeled images "
+        "(KDPL, PromptKD, data-free prompt diversification)"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[f"clipdistill.{name}" for name in SUBPACKAGES],
+    package_dir={f"clipdistill.{name}": name for name in SUBPACKAGES},
+    package_data={"clipdistill.engine": ["configs/*.json", "configs/*.yaml", "data/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "open_clip_torch>=2.24",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "pillow>=10",
+        "tqdm>=4.60",
+        'triton>=3.0; platform_system == "Linux"',
+    ],
+    extras_require={
+        # DALI ships one wheel per CUDA major version; pick the one matching your driver.
+        "dali-cuda12": ["nvidia-dali-cuda120>=1.40"],
+        "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
+        "deepspeed": ["deepspeed>=0.14"],
+        "plots": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["clipdistill = clipdistill.engine.cli:main"]},
+)
