@@ -8,9 +8,39 @@ the ``clipdistill`` namespace (``clipdistill.engine``, ``clipdistill.kernels``,
 Requirements are deliberately loose: users on GPUs bring their own CUDA build
 of torch. The CPU pins used by CI live in ``.ci/constraints-cpu.txt``.
 """
+import os
+import re
+import sysconfig
+from importlib import metadata
+
 from setuptools import setup
 
 VERSION = "0.1.0"
+
+
+def _torchvision_for_installed_torch() -> list[str]:
+    """Keep the user's torch: narrow torchvision to the release built for it.
+
+    open_clip requires torchvision without a version. Where torch is installed
+    but torchvision is not, pip would take the newest torchvision, which needs
+    a newer torch, and replace the user's (CUDA) torch with it. When this build
+    runs for an environment that already has torch 2.x, torchvision is narrowed
+    to the matching 0.(x+15) release, so pip keeps that torch. pip runs this file
+    with the target environment's interpreter, whose sysconfig paths name that
+    environment even inside build isolation. CLIPDISTILL_LOOSE_REQUIREMENTS=1
+    turns this off (e.g. to build a wheel for distribution).
+    """
+    if os.environ.get("CLIPDISTILL_LOOSE_REQUIREMENTS", "") not in ("", "0"):
+        return []
+    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    for dist in metadata.distributions(path=paths):
+        if (dist.metadata["Name"] or "").lower() == "torch":
+            match = re.match(r"2\.(\d+)\.", dist.version)
+            if match:
+                minor = int(match.group(1)) + 15
+                return [f"torchvision>=0.{minor},<0.{minor + 1}"]
+    return []
+
 
 SUBPACKAGES = ("engine", "kernels", "loaders")
 
@@ -37,7 +67,8 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         'triton>=3.0; platform_system == "Linux"',
-    ],
+    ]
+    + _torchvision_for_installed_torch(),
     extras_require={
         # DALI ships one wheel per CUDA major version; pick the one matching your driver.
         "dali-cuda12": ["nvidia-dali-cuda120>=1.40"],

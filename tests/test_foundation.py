@@ -127,3 +127,38 @@ def test_cli_unknown_subcommand_is_an_error(capsys):
         main(["no-such-command"])
     assert exc.value.code == 2
     assert "no-such-command" in capsys.readouterr().err
+
+
+def test_editable_install_keeps_an_installed_torch(tmp_path):
+    """`pip install -e .` where torch (say a CUDA build) is installed but torchvision is not.
+
+    Unpinned, open_clip pulls the newest torchvision, which needs a newer torch,
+    and pip would replace the user's torch. setup.py narrows torchvision to the
+    release built for the installed torch. The environment here has a stand-in
+    torch 2.13.0 (its metadata only); pip resolves, without installing anything.
+    """
+    import venv
+
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    info = Path(purelib) / "torch-2.13.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0\n")
+    (info / "RECORD").write_text("")
+    report = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("PIP_CONSTRAINT", "CLIPDISTILL_LOOSE_REQUIREMENTS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--quiet",
+         "--report", str(report), "-e", str(REPO_ROOT)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    if proc.returncode != 0 and ("No matching distribution" in proc.stderr or "connection" in proc.stderr.lower()):
+        pytest.skip(f"no package index reachable: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    planned = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+               for item in json.loads(report.read_text())["install"]}
+    assert "torch" not in planned, f"pip would replace torch with {planned.get('torch')}"
+    assert planned.get("torchvision", "").startswith("0.28"), planned
