@@ -1,0 +1,56 @@
+"""Tiny random-init open_clip models for the engine's tests (no network, no weights)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from clipdistill.engine.models import TINY_STUDENT as STUDENT
+from clipdistill.engine.models import TINY_TEACHER as TEACHER
+
+CLASS_NAMES = ["cat", "golden retriever", "sea lion", "x-wing fighter", "tulip"]  # C = 5, a prime
+
+
+@pytest.fixture(scope="session")
+def class_names() -> list[str]:
+    return list(CLASS_NAMES)
+
+
+@pytest.fixture(scope="session")
+def _student_clip():
+    from clipdistill.engine.models import load_clip
+
+    torch.manual_seed(0)
+    return load_clip(STUDENT, None)
+
+
+@pytest.fixture(scope="session")
+def _teacher_clip():
+    from clipdistill.engine.models import load_clip
+
+    torch.manual_seed(1)
+    return load_clip(TEACHER, None)
+
+
+@pytest.fixture
+def student_clip(_student_clip):
+    """A fresh copy per test: learners freeze it in place."""
+    return copy.deepcopy(_student_clip)
+
+
+@pytest.fixture
+def teacher_clip(_teacher_clip):
+    return copy.deepcopy(_teacher_clip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from clipdistill.engine.models import get_tokenizer
+
+    return get_tokenizer(STUDENT)
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32)
