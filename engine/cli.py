@@ -17,6 +17,8 @@ from . import __version__
 
 # Modules providing register(subparsers), in the order shown by --help.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "clipdistill.engine.train",
+    "clipdistill.engine.demo",
     "clipdistill.loaders.cli",
 )
 

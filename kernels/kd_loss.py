@@ -737,8 +737,12 @@ def _validate(student_features, teacher_features, class_vectors, student_class_v
                              f"got {tuple(row_weights.shape)}")
         if not row_weights.dtype.is_floating_point:
             raise ValueError(f"row_weights must be floating point, got {row_weights.dtype}")
-        # Value checks need the data (a device sync); a compiled graph cannot branch on it.
-        if not torch.compiler.is_compiling():
+        # Value checks read the data: on a GPU that is a host synchronization every step, which a
+        # training loop must not pay, and a compiled graph cannot branch on it. So they run for
+        # CPU tensors only; callers on a GPU check their weights where they build them (the
+        # engine derives them from the loader's CPU mask). An all-zero weight vector on a GPU
+        # gives a NaN loss, which the engine's periodic non-finite check reports.
+        if row_weights.device.type == "cpu" and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(row_weights).all()):
                 raise ValueError("row_weights must be finite")
             if bool((row_weights < 0).any()):

@@ -1,0 +1,460 @@
+"""The training loop: build a run from its config, distill, checkpoint, resume exactly.
+
+    clipdistill distill --config FILE [--recipe kdpl|promptkd] [--resume] [key=value ...]
+
+What a step does (no host synchronization inside it): the loader's batch (one
+view per image, at the teacher's and the student's resolution) -> the frozen
+teacher's image features under no_grad -> the student's prompted features and
+class vectors -> :func:`clipdistill.kernels.kd_loss` (through
+:class:`~clipdistill.engine.step.DistillStep`) -> backward -> every
+``grad_accum`` micro-batches: clip, optimizer step, learning rate of the next
+step. Loss parts accumulate on the device; every ``log_every`` steps one
+synchronization reads them, checks that they are finite, writes a metrics line
+(JSON) and advances the progress bar.
+
+Checkpoints (``<out_dir>/checkpoints/step-*.safetensors``) hold the learner's
+state, the optimizer's state, every RNG state, the loader's position and the
+counters; they are written atomically and only after the losses since the
+last check were found finite, so a non-finite loss never overwrites the last
+good checkpoint. ``--resume`` continues from the newest one and ends where an
+uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError
+from .recipes import RunConfig, config_differences, dump_run_config, learner_class, load_run_config
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------------- inputs
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """One class name per line; empty lines and duplicates are errors naming their line numbers.
+
+    ``builtin:imagenet21k`` names the shipped concept vocabulary (see :mod:`.vocabulary`).
+    """
+    from .vocabulary import BUILTIN_PREFIX, builtin_path
+
+    if str(path).startswith(BUILTIN_PREFIX):
+        try:
+            path = builtin_path(str(path)[len(BUILTIN_PREFIX):])
+        except ValueError as exc:
+            raise ConfigError(f"data.class_names: {exc}") from exc
+    path = Path(path)
+    if not str(path) or not path.is_file():
+        raise ConfigError(f"data.class_names: class-name file {str(path)!r} does not exist")
+    names, seen, problems = [], {}, []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        name = line.strip()
+        if not name:
+            problems.append(f"line {lineno} is empty")
+            continue
+        if name in seen:
+            problems.append(f"line {lineno} repeats {name!r} (first on line {seen[name]})")
+            continue
+        seen[name] = lineno
+        names.append(name)
+    if problems:
+        raise ConfigError(f"data.class_names: {path}: " + "; ".join(problems[:5])
+                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    if not names:
+        raise ConfigError(f"data.class_names: {path} holds no class names")
+    return names
+
+
+def read_templates(spec: str) -> list[str]:
+    """A shipped template set by name, or a file of templates (one per line, each with "{}")."""
+    from .templates import check_templates, templates_for
+
+    if os.path.isfile(spec):
+        templates = [t.strip() for t in Path(spec).read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        try:
+            templates = list(templates_for(spec))
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"data.templates: {spec!r} is neither a file nor a shipped template set ({exc})")
+    try:
+        check_templates(templates)
+    except ValueError as exc:
+        raise ConfigError(f"data.templates: {exc}") from exc
+    return templates
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec!r} but no CUDA device is available")
+    return device
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, warmup_lr: Optional[float],
+          schedule: str) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): warm-up, then cosine to 0 or constant."""
+    if step < warmup_steps:
+        return warmup_lr if warmup_lr is not None else base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def _image_preprocess(model: torch.nn.Module) -> tuple[int, tuple, tuple]:
+    from .models import import_open_clip
+
+    open_clip = import_open_clip()
+    visual = model.visual
+    size = visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    return size, mean, std
+
+
+# --------------------------------------------------------------------------------- building
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of (built by :func:`build_run`)."""
+
+    config: RunConfig
+    device: torch.device
+    teacher: Any
+    learner: Any
+    step: Any  # DistillStep
+    loader: Any  # ImageLoader
+    class_names: list[str]
+    teacher_input: str
+    student_input: str
+    autocast_dtype: Optional[torch.dtype]
+
+
+def _build_learner(kind: str, clip, *, tokenizer, class_names, templates, teacher_dim: int, options: dict):
+    """The prompt learner ``kind`` over the frozen student ``clip``; fixed-prompt learners get ``templates``."""
+    import inspect
+
+    from .prompts import build_learner
+
+    if "templates" in inspect.signature(learner_class(kind).__init__).parameters:
+        options = {**options, "templates": tuple(templates)}
+    return build_learner(kind, clip, tokenizer=tokenizer, class_names=class_names, teacher_dim=teacher_dim,
+                         **options)
+
+
+def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
+    """Turn a config into models, class vectors, the step and the loader (the one builder)."""
+    from clipdistill.loaders.loader import ImageLoader, OutputSpec
+    from clipdistill.loaders.views import RandomResizedCrop
+
+    from .class_vectors import teacher_class_vectors
+    from .models import build_student, build_teacher, get_tokenizer
+    from .step import DistillStep
+
+    device = resolve_device(cfg.train.device)
+    class_names = read_class_names(cfg.data.class_names)
+    templates = read_templates(cfg.data.templates)
+    if not cfg.data.train:
+        raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
+
+    torch.manual_seed(cfg.train.seed)
+    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device, precision=cfg.teacher.precision)
+    student_clip = build_student(cfg.student.name, cfg.student.weights, device=device,
+                                 precision=cfg.student.precision or "fp32")
+    cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
+    vectors = teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
+                                    model_name=cfg.teacher.name, weights=cfg.teacher.weights, cache_dir=cache,
+                                    device=device)
+    teacher_dim = int(vectors.shape[1])
+    student_dim = int(student_clip.visual.output_dim)
+    learner = _build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
+                            class_names=class_names, templates=templates, teacher_dim=teacher_dim,
+                            options=cfg.learner.options).to(device)
+    if cfg.method == "kdpl":
+        log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
+            f"(D={student_dim}), learner {cfg.learner.kind}, {len(class_names)} classes")
+    else:
+        log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
+            f"(D={student_dim}) projected to D={teacher_dim}, {len(class_names)} classes")
+    if cfg.loss.top_k is not None and cfg.loss.top_k > len(class_names):
+        raise ConfigError(f"loss.top_k={cfg.loss.top_k} exceeds the {len(class_names)} names of "
+                          f"data.class_names={cfg.data.class_names!r}")
+    step = DistillStep(
+        teacher, learner, vectors, recipe=cfg.method, top_k=cfg.loss.top_k, temperature=cfg.loss.temperature,
+        forward_weight=cfg.loss.forward_weight, reverse_weight=cfg.loss.reverse_weight,
+        reduction=cfg.loss.reduction, temperature_squared=cfg.loss.temperature_squared,
+        kd_weight=cfg.loss.kd_weight, promptsrc_weights=cfg.loss.promptsrc_weights, loss_backend=cfg.loss.backend,
+    )
+
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    t_size, t_mean, t_std = _image_preprocess(teacher.model)
+    s_size, s_mean, s_std = _image_preprocess(student_clip)
+    outputs = [OutputSpec("student", s_size, s_mean, s_std)]
+    teacher_input = "student"
+    if (t_size, t_mean, t_std) != (s_size, s_mean, s_std):
+        outputs.append(OutputSpec("teacher", t_size, t_mean, t_std))
+        teacher_input = "teacher"
+    loader = ImageLoader(
+        cfg.data.train, global_batch_size=cfg.data.batch_size, outputs=outputs,
+        transform=RandomResizedCrop(scale=(cfg.data.min_scale, cfg.data.max_scale), flip=cfg.data.flip),
+        seed=cfg.train.seed, backend=cfg.data.backend, device=device,
+        dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
+        interpolation=cfg.data.interpolation, precheck=cfg.data.precheck,
+        cache_dir=str(Path(cfg.train.out_dir) / "lists"),
+    )
+    log(f"clipdistill: loader backend {loader.backend}, {len(loader.samples)} images, {len(loader)} steps per epoch")
+    return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype)
+
+
+# --------------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Runs a built :class:`Run`: the loop, metrics, checkpoints and resume."""
+
+    def __init__(self, run: Run, *, log: Callable[[str], None] = print):
+        self.run = run
+        self.cfg = run.config
+        self.log = log
+        self.out_dir = Path(self.cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        params = list(run.step.trainable_parameters().values())
+        if not params:
+            raise ConfigError("the learner has no trainable tensors (prompt length or depth 0?)")
+        self.params = params
+        o = self.cfg.optim
+        if o.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        micro_per_epoch = len(run.loader)
+        self.total_steps = (self.cfg.train.max_steps if self.cfg.train.max_steps is not None
+                            else (self.cfg.train.epochs * micro_per_epoch) // o.grad_accum)
+        if self.total_steps < 1:
+            raise ConfigError(f"the run has no optimizer step: {micro_per_epoch} batches per epoch, "
+                              f"grad_accum {o.grad_accum}, epochs {self.cfg.train.epochs}")
+        self.global_step = 0
+        self.images_seen = 0
+        self.step_fn = torch.compile(run.step) if self.cfg.train.compile else run.step
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.global_step,
+            "images_seen": self.images_seen,
+            "learner": self.run.step.state_to_save(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "loader": self.run.loader.state_dict(),
+            "config": dump_run_config(self.cfg),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last)
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            self.log(f"clipdistill: --resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
+            return False
+        state = load_checkpoint(path)
+        saved, now = state["config"], dump_run_config(self.cfg)
+        ignorable = ("train.resume", "train.max_steps", "train.epochs", "train.progress", "train.log_every",
+                     "train.checkpoint_every", "train.keep_last", "train.tensorboard")
+        different = [k for k in config_differences(saved, now) if k not in ignorable]
+        if different:
+            raise ConfigError(f"--resume: the checkpoint {path} was made with a different config: "
+                              f"{', '.join(different)} differ")
+        self.run.step.load_saved_state(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.run.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.global_step = int(state["step"])
+        self.images_seen = int(state["images_seen"])
+        self.log(f"clipdistill: resumed from {path} (step {self.global_step})")
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        o = self.cfg.optim
+        lr = lr_at(self.global_step, base_lr=o.lr, total_steps=self.total_steps, warmup_steps=o.warmup_steps,
+                   warmup_lr=o.warmup_lr, schedule=o.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def fit(self) -> dict:
+        cfg, run = self.cfg, self.run
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume:
+            self.resume()
+        (self.out_dir / "config.json").write_text(json.dumps(dump_run_config(cfg), indent=2))
+        metrics_path = self.out_dir / "metrics.jsonl"
+        tb = self._tensorboard()
+        progress = self._progress()
+        device, accum = run.device, cfg.optim.grad_accum
+        run.step.train()
+        acc: dict[str, torch.Tensor] = {}
+        acc_count = 0
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        last_good_ckpt = latest_checkpoint(self.ckpt_dir)
+        interval_start, interval_images = time.perf_counter(), 0
+        micro = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self._set_lr()
+        summary: dict = {}
+        while self.global_step < self.total_steps:
+            for batch in run.loader:
+                mask = batch.mask
+                row_weights = mask.to(device=device, dtype=torch.float32, non_blocking=True)
+                teacher_images = batch.images[run.teacher_input]
+                student_images = batch.images[run.student_input]
+                real_rows = int(mask.sum())  # the mask lives on the CPU: no device sync
+                if real_rows == 0:
+                    # A rank whose share of the epoch's last step is all padding still takes the
+                    # step (ranks stay in step), with a zero loss instead of 0/0.
+                    row_weights = None
+                with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
+                                    enabled=run.autocast_dtype is not None):
+                    parts = self.step_fn(teacher_images, student_images, row_weights)
+                if real_rows == 0:
+                    parts = {name: value * 0.0 for name, value in parts.items()}
+                (parts["loss"] / accum).backward()
+                for name, value in parts.items():
+                    value = value.detach()
+                    acc[name] = acc[name] + value if name in acc else value.clone()
+                acc_count += 1
+                self.images_seen += real_rows
+                interval_images += real_rows
+                micro += 1
+                if micro % accum:
+                    continue
+                bad_now = ~torch.isfinite(parts["loss"].detach())
+                first_bad = torch.where((first_bad < 0) & bad_now,
+                                        torch.full_like(first_bad, self.global_step), first_bad)
+                if cfg.optim.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                lr_used, lr = lr, self._set_lr()
+                done = self.global_step >= self.total_steps
+                if self.global_step % cfg.train.log_every == 0 or done or \
+                        self.global_step % cfg.train.checkpoint_every == 0:
+                    # One synchronization per interval: losses, the non-finite check, progress.
+                    names = list(acc)
+                    values = (torch.stack([acc[n] for n in names]) / acc_count).tolist()
+                    bad = int(first_bad)
+                    if bad >= 0 or not all(math.isfinite(v) for v in values):
+                        where = bad if bad >= 0 else self.global_step - 1
+                        good = f"the last good checkpoint, {last_good_ckpt}, is intact" if last_good_ckpt else \
+                            "no checkpoint was written before it"
+                        raise NonFiniteLossError(f"non-finite loss at step {where}; stopping ({good})")
+                    elapsed = time.perf_counter() - interval_start
+                    record = {"step": self.global_step, "epoch": run.loader.epoch, "lr": lr_used,
+                              **{f"loss/{n}": v for n, v in zip(names, values)},
+                              "images_per_s": interval_images / max(elapsed, 1e-9),
+                              "images_seen": self.images_seen, "rejected_images": len(run.loader.rejects)}
+                    with open(metrics_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    if tb is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                tb.add_scalar(key, value, self.global_step)
+                    if progress is not None:
+                        progress.update(self.global_step - progress.n)
+                        progress.set_postfix(loss=f"{record['loss/loss']:.4g}",
+                                             img_s=f"{record['images_per_s']:.0f}")
+                    summary = record
+                    acc, acc_count = {}, 0
+                    interval_start, interval_images = time.perf_counter(), 0
+                    if self.global_step % cfg.train.checkpoint_every == 0 or done:
+                        last_good_ckpt = self.save()
+                if done:
+                    break
+        if progress is not None:
+            progress.close()
+        if tb is not None:
+            tb.close()
+        summary = {**summary, "checkpoint": str(last_good_ckpt) if last_good_ckpt else None}
+        return summary
+
+    def _progress(self):
+        if not self.cfg.train.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.global_step, desc="distill", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError(f"train.tensorboard=true needs the tensorboard package ({exc})") from exc
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+
+def distill(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
+    """Build and run a distillation; return the last metrics line plus the final checkpoint path."""
+    run = build_run(cfg, log=log)
+    return Trainer(run, log=log).fit()
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("train.resume=true")
+    try:
+        cfg = load_run_config(args.config, overrides, recipe=args.recipe)
+        summary = distill(cfg, log=lambda m: print(m, file=sys.stderr))
+    except NonFiniteLossError as exc:
+        print(f"clipdistill distill: error: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad config, data or files: said plainly
+        print(f"clipdistill distill: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "distill", help="distill a teacher into a prompt-tuned student (KDPL, PromptKD)",
+        description="Distill a frozen CLIP teacher into a student's prompts on unlabeled images. "
+                    "Settings: a shipped recipe, a YAML file and key=value overrides (e.g. optim.lr=0.01).",
+    )
+    parser.add_argument("--config", default=None, help="YAML run config (may name its recipe with 'recipe:')")
+    parser.add_argument("--recipe", default=None, help="shipped recipe: kdpl or promptkd")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.set_defaults(func=_cmd_distill)
+    return parser
