@@ -13,7 +13,7 @@ import re
 import sysconfig
 from importlib import metadata
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 VERSION = "0.1.0"
 
@@ -54,7 +54,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[f"clipdistill.{name}" for name in SUBPACKAGES],
+    packages=[
+        f"clipdistill.{name}{'.' + sub if sub else ''}"
+        for name in SUBPACKAGES
+        for sub in ["", *find_packages(where=name)]
+    ],
     package_dir={f"clipdistill.{name}": name for name in SUBPACKAGES},
     package_data={"clipdistill.engine": ["configs/*.json", "configs/*.yaml", "data/*"]},
     include_package_data=True,
@@ -75,6 +79,8 @@ setup(
         "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
         "deepspeed": ["deepspeed>=0.14"],
         "plots": ["matplotlib>=3.7"],
+        # the CLIP-guided VQGAN generator of data-free distillation (diffusers' VQModel)
+        "datafree": ["diffusers>=0.30"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["clipdistill = clipdistill.engine.cli:main"]},

@@ -19,6 +19,7 @@ from . import __version__
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "clipdistill.engine.train",
     "clipdistill.engine.demo",
+    "clipdistill.engine.datafree.cli",
     "clipdistill.loaders.cli",
 )
 

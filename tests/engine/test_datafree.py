@@ -1,0 +1,388 @@
+"""Data-free distillation: diversifiers, generators, synthesis (resumable), report, student.
+
+Tiny random-init models on the CPU (the teacher from tests/engine/conftest.py, a timm
+``test_resnet`` student, a random-init diffusers VQModel). A random teacher sees little in its
+images, so these tests check mechanics and directions (objectives fall, similarities rise,
+spreads order), not accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipdistill.engine.datafree import diversify, generators, report, student, synthesize
+from clipdistill.engine.models import TINY_TEACHER, Teacher
+
+HAS_DIFFUSERS = generators.diffusers_available()
+needs_diffusers = pytest.mark.skipif(
+    not HAS_DIFFUSERS, reason="diffusers is not installed (pip install 'clipdistill[datafree]')"
+)
+GENERATOR_NAMES = [
+    "pixel",
+    "fourier",
+    pytest.param("vqgan", marks=needs_diffusers),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CPU machine is shared; these are small problems where threads do not pay.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def teacher(_teacher_clip) -> Teacher:
+    return Teacher(copy.deepcopy(_teacher_clip))
+
+
+@pytest.fixture
+def teacher_tokenizer():
+    from clipdistill.engine.models import get_tokenizer
+
+    return get_tokenizer(TINY_TEACHER)
+
+
+@pytest.fixture
+def styled(teacher, teacher_tokenizer, class_names):
+    from clipdistill.engine.towers import TextTower
+
+    return diversify.StyledPrompts(TextTower.of(teacher.model), teacher_tokenizer, class_names)
+
+
+def _cli(argv: list[str]) -> int:
+    """Run the data-free commands through argparse, as clipdistill's CLI does with register()."""
+    from clipdistill.engine import datafree
+
+    parser = argparse.ArgumentParser(prog="clipdistill")
+    datafree.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_style_slot_is_found_by_position_not_by_placeholder_word(styled, class_names, teacher_tokenizer):
+    # "x-wing fighter" tokenizes its "x" to the placeholder's id: the slot must still be position 2.
+    assert "x-wing fighter" in class_names
+    placeholder_id = int(teacher_tokenizer([diversify.PLACEHOLDER])[0, 1])
+    x_wing = styled.token_ids[class_names.index("x-wing fighter")]
+    assert (x_wing == placeholder_id).sum() == 2
+    assert styled.style_start == 2
+    # Splicing in the placeholder's own embedding must reproduce open_clip's encode_text exactly.
+    tower = styled.tower
+    own = tower.token_embedding.weight[placeholder_id].detach().view(1, 1, -1).expand(len(class_names), 1, -1)
+    with torch.no_grad():
+        spliced = styled.encode_pairs(own, torch.arange(len(class_names)))
+        reference = torch.nn.functional.normalize(styled.tower.encode_tokens(styled.token_ids).float(), dim=-1)
+    torch.testing.assert_close(spliced, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", diversify.DIVERSIFIERS)
+@pytest.mark.parametrize("count", [1, 7])
+def test_each_diversifier_yields_the_requested_number_of_distinct_prompts(kind, count, styled, teacher_tokenizer, class_names):
+    maker = diversify.build_diversifier(kind, styled.tower, teacher_tokenizer, class_names, contrastive_steps=3)
+    bank = maker.styles(count, seed=11)
+    assert len(bank) == count == len(bank.seeds) == len(bank.descriptions)
+    assert bank.embeddings.shape == (count, 1, styled.tower.width)
+    assert torch.isfinite(bank.embeddings).all()
+    assert len(set(bank.seeds)) == count and len(set(bank.descriptions)) == count
+    with torch.no_grad():
+        features = styled.encode_grid(bank.embeddings)  # (S, C, D)
+    assert features.shape[:2] == (count, len(class_names))
+    prompts = features.reshape(count * len(class_names), -1)
+    distances = torch.cdist(prompts.double(), prompts.double())
+    off_diagonal = ~torch.eye(prompts.shape[0], dtype=torch.bool)
+    assert distances[off_diagonal].min() > 1e-6, "two styled prompts encode identically"
+    # A style is a function of its seed: the same run seed gives the same bank.
+    again = maker.styles(count, seed=11)
+    torch.testing.assert_close(again.embeddings, bank.embeddings, rtol=0, atol=0)
+
+
+def test_mix_prompt_is_a_convex_combination_of_dictionary_words(styled, teacher_tokenizer):
+    mix = diversify.MixPrompt(styled.tower, teacher_tokenizer, words_per_style=3)
+    bank = mix.styles(5, seed=3)
+    for style, description in zip(bank.embeddings, bank.descriptions, strict=True):
+        parts = [p.rsplit(" ", 1) for p in description.split(" + ")]
+        words, weights = [w for w, _ in parts], torch.tensor([float(x) for _, x in parts])
+        assert len(words) == 3 and abs(float(weights.sum()) - 1) < 0.02 and (weights >= 0).all()
+        rows = mix.word_embeddings[[mix.words.index(w) for w in words]]
+        torch.testing.assert_close(style[0], weights @ rows, rtol=0, atol=0.01 * float(rows.norm(dim=1).max()))
+
+
+def test_random_prompt_matches_the_token_table_statistics(styled):
+    random_prompt = diversify.RandomPrompt(styled.tower)
+    bank = random_prompt.styles(400, seed=5).embeddings[:, 0]
+    table = styled.tower.token_embedding.weight.detach()
+    # 400 draws: the per-dimension mean within ~4 standard errors, the overall std within 10%.
+    assert (bank.mean(0) - table.mean(0)).abs().max() < 4 * float(table.std(0).max()) / 400**0.5 * 1.5
+    assert abs(float(bank.std()) / float(table.std()) - 1) < 0.1
+
+
+def test_contrastive_objective_decreases_and_spreads_further_than_random(styled, teacher_tokenizer):
+    contrastive = diversify.ContrastivePrompt(styled, teacher_tokenizer, steps=25, lr=2e-3)
+    bank = contrastive.styles(6, seed=0)
+    for trace in bank.losses:  # each style's objective: first step vs the final full evaluation
+        assert trace[-1] < trace[0]
+    random_bank = diversify.RandomPrompt(styled.tower).styles(6, seed=0)
+    # Same seed, same initial draws: contrastive style j starts at random style j.
+    assert bank.seeds == random_bank.seeds
+    with torch.no_grad():
+        spread_contrastive = diversify.style_spread(styled.encode_grid(bank.embeddings))
+        spread_random = diversify.style_spread(styled.encode_grid(random_bank.embeddings))
+        # The class term keeps most styled prompts nearest their own class anchor.
+        feats = styled.encode_grid(bank.embeddings)
+        kept = (torch.einsum("scd,kd->sck", feats, contrastive.anchors).argmax(-1) == torch.arange(feats.shape[1])).float().mean()
+    assert spread_contrastive > spread_random
+    assert kept >= 0.6
+    # Norms stay within the token table's range.
+    assert float(bank.embeddings.norm(dim=-1).max()) <= contrastive.max_norm * (1 + 1e-5)
+
+
+def test_style_bank_round_trip_and_key_check(tmp_path, styled):
+    bank = diversify.RandomPrompt(styled.tower).styles(3, seed=2)
+    bank.save(tmp_path / "styles.safetensors", {"seed": 2})
+    loaded = diversify.StyleBank.load(tmp_path / "styles.safetensors", {"seed": 2})
+    torch.testing.assert_close(loaded.embeddings, bank.embeddings, rtol=0, atol=0)
+    assert loaded.seeds == bank.seeds and loaded.descriptions == bank.descriptions
+    with pytest.raises(ValueError, match="other settings"):
+        diversify.StyleBank.load(tmp_path / "styles.safetensors", {"seed": 3})
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize("name", GENERATOR_NAMES)
+def test_each_generator_raises_the_teachers_similarity_to_its_prompt(name, teacher, styled):
+    torch.manual_seed(0)
+    bank = diversify.RandomPrompt(styled.tower).styles(3, seed=1)
+    with torch.no_grad():
+        targets = styled.encode_pairs(bank.embeddings, torch.tensor([0, 2, 4]))
+    gen = generators.build_generator(name, 32, vqgan="tiny")
+    seeds = [7, 8, 9]
+    with torch.no_grad():
+        before = (generators.teacher_image_features(teacher, gen.render(gen.init_params(seeds))) * targets).sum(-1)
+    images, after = gen.generate(teacher, targets, seeds, steps=12, n_cutouts=4)
+    assert images.shape == (3, 3, 32, 32)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert (after > before).all(), f"{name}: similarity before {before.tolist()} after {after.tolist()}"
+    # The teacher was not touched.
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_spherical_distance_matches_the_angle():
+    a = torch.nn.functional.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
+    angle = torch.arccos((a * b).sum(-1).clamp(-1, 1))
+    torch.testing.assert_close(generators.spherical_distance(a, b), angle.square() / 2, rtol=1e-9, atol=1e-12)
+
+
+@needs_diffusers
+def test_vqgan_decoder_loads_from_local_files_only(tmp_path):
+    from safetensors.torch import save_file
+
+    model = generators.tiny_vqgan(seed=3)
+    model.save_pretrained(tmp_path / "folder")  # diffusers layout: config.json + safetensors
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "vq.safetensors"))
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    (tmp_path / "vq.json").write_text(json.dumps(config))
+    latents = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        expected = model.decode(latents).sample
+        for source in (tmp_path / "folder", tmp_path / "vq.safetensors"):
+            torch.testing.assert_close(generators.load_vqgan(source).decode(latents).sample, expected)
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        generators.load_vqgan(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+def _plan(class_names, **overrides) -> synthesize.SynthesisPlan:
+    settings = dict(teacher=TINY_TEACHER, teacher_weights=None, class_names=tuple(class_names),
+                    diversifier="random", generator="fourier", per_class=3, seed=0, steps=3, n_cutouts=2)
+    settings.update(overrides)
+    return synthesize.SynthesisPlan(**settings)
+
+
+def _check_complete(out: Path, plan: synthesize.SynthesisPlan) -> list[dict]:
+    entries = synthesize.read_manifest(out / synthesize.MANIFEST_FILE)
+    keys = [(e["class_index"], e["style_index"]) for e in entries]
+    assert len(keys) == len(set(keys)) == len(plan.class_names) * plan.per_class
+    assert len({e["path"] for e in entries}) == len(entries)
+    on_disk = sorted(str(p.relative_to(out)) for p in (out / synthesize.IMAGES_DIR).rglob("*.png"))
+    assert on_disk == sorted(e["path"] for e in entries)
+    assert not [p for p in out.rglob(".*tmp*")], "temporary files left behind"
+    return entries
+
+
+def test_interrupted_synthesize_resumes_without_duplicates(tmp_path, teacher, teacher_tokenizer, class_names):
+    plan = _plan(class_names)
+    out = tmp_path / "set"
+    first = synthesize.synthesize(plan, out, teacher, teacher_tokenizer, batch_size=4, limit=7, progress=False)
+    assert (first.generated, first.complete) == (7, False)
+    # Round-robin order: after 7 images every class has its style 0.
+    done = synthesize.read_manifest(out / synthesize.MANIFEST_FILE)
+    assert {e["class_index"] for e in done if e["style_index"] == 0} == set(range(len(class_names)))
+
+    # Simulate crashes: a torn last line, a listed image whose file vanished, an orphan image file.
+    manifest = out / synthesize.MANIFEST_FILE
+    vanished = done[1]
+    (out / vanished["path"]).unlink()
+    orphan = out / synthesize.image_relpath(4, class_names[4], 2)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"not a png: a crash before the manifest line")
+    with open(manifest, "a") as handle:
+        handle.write('{"path": "images/0000-cat/0000-00001.png", "class_ind')
+
+    second = synthesize.synthesize(plan, out, teacher, teacher_tokenizer, batch_size=4, progress=False)
+    assert second.dropped == {"missing_image": 1, "duplicate": 0, "torn": 1}
+    assert second.existing == 6 and second.generated == 15 - 6 and second.complete
+    entries = _check_complete(out, plan)
+    assert orphan.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # regenerated over itself
+    for entry in entries:
+        assert entry["prompt"].endswith(f"style of a {entry['class']}.")
+        assert entry["style_seed"] == diversify.style_seed(plan.seed, entry["style_index"])
+
+    # A third run has nothing to do; a different plan is refused.
+    third = synthesize.synthesize(plan, out, teacher, teacher_tokenizer, progress=False)
+    assert (third.generated, third.complete) == (0, True)
+    with pytest.raises(ValueError, match="other settings"):
+        synthesize.synthesize(_plan(class_names, per_class=4), out, teacher, teacher_tokenizer, progress=False)
+
+    # The folder is an ordinary source for the loaders.
+    from clipdistill.loaders import resolve_source
+
+    samples = resolve_source(out, cache_dir=tmp_path / "cache")
+    assert len(samples) == len(entries)
+
+
+def test_synthesized_images_match_a_fresh_uninterrupted_run(tmp_path, teacher, teacher_tokenizer, class_names):
+    # Same plan, same batches: an image is a function of its seeds, whatever ran before.
+    plan = _plan(class_names[:2], per_class=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    synthesize.synthesize(plan, a, teacher, teacher_tokenizer, batch_size=2, progress=False)
+    synthesize.synthesize(plan, b, teacher, teacher_tokenizer, batch_size=2, limit=2, progress=False)
+    synthesize.synthesize(plan, b, teacher, teacher_tokenizer, batch_size=2, progress=False)
+    for entry in synthesize.read_manifest(a / synthesize.MANIFEST_FILE):
+        assert (a / entry["path"]).read_bytes() == (b / entry["path"]).read_bytes()
+
+
+def test_read_class_names(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("# comment\ncat\n\n  sea lion \n")
+    assert synthesize.read_class_names(path) == ["cat", "sea lion"]
+    path.write_text("cat\ncat\n")
+    with pytest.raises(ValueError, match="repeats"):
+        synthesize.read_class_names(path)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_pairwise_cosine_distance_against_a_float64_reference():
+    features = torch.nn.functional.normalize(torch.randn(7, 5), dim=-1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    expected_pairs = [1 - float(features[i].double() @ features[j].double()) for i in range(7) for j in range(i + 1, 7)]
+    assert report.pairwise_cosine_distance(features) == pytest.approx(sum(expected_pairs) / len(expected_pairs), abs=1e-6)
+    result = report.diversity(features, labels, ["a", "b", "c", "d"])
+    assert set(result["per_class"]) == {"a", "b", "c"}  # "d" has no images
+    b = 1 - float(features[3].double() @ features[4].double())
+    assert result["per_class"]["b"] == pytest.approx(b, abs=1e-6)
+    assert report.pairwise_cosine_distance(features[:1].repeat(4, 1)) == pytest.approx(0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- student and end to end
+
+
+def test_student_logits_and_loss_parts(teacher):
+    class_vectors = torch.nn.functional.normalize(torch.randn(5, 48), dim=-1)
+    net = student.DataFreeStudent("test_resnet", class_vectors, image_size=32, logit_scale=float(teacher.logit_scale))
+    images = torch.rand(4, 3, 32, 32)
+    features = torch.nn.functional.normalize(net(images), dim=-1)
+    torch.testing.assert_close(net.logits(images), net.logit_scale * features @ class_vectors.t())
+    parts = student.distill_losses(net, teacher, images, feature_weight=0.5)
+    assert set(parts) == {"kd", "feature"}
+    from clipdistill.kernels.kd_loss import kd_loss_reference
+
+    with torch.no_grad():
+        teacher_features = generators.teacher_image_features(teacher, images)
+        expected = kd_loss_reference(net(images), teacher_features, class_vectors, logit_scale=net.logit_scale,
+                                     forward_weight=1.0, reverse_weight=0.0)
+    torch.testing.assert_close(parts["kd"].detach(), expected, rtol=1e-5, atol=1e-6)
+    parts["kd"].backward()
+    assert net.head.weight.grad is not None and torch.isfinite(net.head.weight.grad).all()
+
+
+def test_synthesize_distill_eval_end_to_end(tmp_path, class_names):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(class_names) + "\n")
+    common = ["--classes", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
+              "--teacher", TINY_TEACHER, "--contrastive-steps", "5", "--no-progress", "--batch-size", "10"]
+    train, held = tmp_path / "train", tmp_path / "held"
+    assert _cli(["synthesize", *common, "--out", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
+    assert _cli(["synthesize", *common, "--out", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
+    ckpt = tmp_path / "ckpt"
+    argv = ["distill-datafree", "--data", str(train), "--out", str(ckpt), "--student", "test_resnet",
+            "--image-size", "32", "--epochs", "6", "--batch-size", "10", "--feature-weight", "0.1",
+            "--eval-data", str(held), "--no-progress"]
+    assert _cli(argv) == 0
+    from clipdistill.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    saved = student.load_student(ckpt)
+    summary = load_checkpoint(latest_checkpoint(ckpt))["extra"]["summary"]
+    assert summary["steps"] == 6 * 3
+    assert summary["last"]["kd"] < summary["first"]["kd"]
+
+    # Agreement with the teacher on the held-out set, before and after distillation.
+    from clipdistill.engine.datafree.dataset import SyntheticImages
+
+    teacher = synthesize.load_teacher(TINY_TEACHER, None, "cpu")
+    held_set = SyntheticImages(held)
+    trained = student.agreement(saved, teacher, held_set)
+    assert trained == pytest.approx(summary["eval"], rel=1e-4)  # the reloaded student is the trained one
+    torch.manual_seed(0)
+    untrained = student.DataFreeStudent("test_resnet", saved.class_vectors, image_size=32,
+                                        logit_scale=saved.logit_scale).eval()
+    baseline = student.agreement(untrained, teacher, held_set)
+    # A random tiny teacher's class distribution is nearly flat, so its top-1 class is close to
+    # arbitrary: the KL is what must improve; top-1 agreement is only checked to be a share.
+    assert trained["kl_teacher_student"] < 0.5 * baseline["kl_teacher_student"]
+    assert 0 <= trained["top1_agreement"] <= 1 and trained["n_images"] == 15
+    assert trained["top1_agreement"] >= baseline["top1_agreement"] - 0.2
+
+    assert _cli(["datafree-eval", "--checkpoint", str(ckpt), "--data", str(held)]) == 0
+    out = tmp_path / "report" / "diversity.json"
+    assert _cli(["datafree-report", str(train), str(held), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["sets"]) == {"contrastive/fourier", "mix/fourier"}
+    for entry in result["sets"].values():
+        assert set(entry["per_class"]) == set(class_names) and 0 <= entry["overall"] <= 2
+    assert result["plot"] and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commands_register_without_heavy_imports():
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys\n"
+        "from clipdistill.engine.datafree import cli\n"
+        "parser = argparse.ArgumentParser(); cli.register(parser.add_subparsers())\n"
+        "args = parser.parse_args(['synthesize', '--classes', 'c.txt', '--out', 'o'])\n"
+        "assert args.diversifier == 'contrastive' and args.generator == 'vqgan' and callable(args.func)\n"
+        "heavy = [m for m in ('torch', 'open_clip', 'timm', 'diffusers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from clipdistill.engine.datafree import cli
+
+    assert cli.DIVERSIFIERS == diversify.DIVERSIFIERS and cli.GENERATORS == generators.GENERATORS
