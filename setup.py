@@ -81,7 +81,7 @@ setup(
         "plots": ["matplotlib>=3.7"],
         # the CLIP-guided VQGAN generator of data-free distillation (diffusers' VQModel)
         "datafree": ["diffusers>=0.30"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["clipdistill = clipdistill.engine.cli:main"]},
 )

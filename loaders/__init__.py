@@ -1,4 +1,42 @@
 """clipdistill.loaders: files to batches of tensors on a device (DALI GPU/CPU, PyTorch).
 
-Knows nothing of models.
+Knows nothing of models. The public names are imported on first use, so that
+``clipdistill index`` (which needs neither torch nor DALI) starts fast:
+
+- :class:`ImageLoader`, :class:`OutputSpec`, :class:`Batch`, :class:`Reject`,
+  :func:`resolve_backend`, :func:`dali_available`, ``CLIP_MEAN``, ``CLIP_STD`` (loader.py)
+- :class:`RandomResizedCrop`, :class:`CenterCrop`, :func:`sample_views`,
+  :func:`epoch_order`, :func:`rank_slots` (views.py)
+- :class:`SampleList`, :func:`resolve_source`, :class:`EmptySourceError` (sources.py)
+- :func:`index_source`, :func:`validate` (index.py)
+
+DALI is optional (``pip install clipdistill[dali-cuda13]``); it is imported only
+by the DALI backends.
 """
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ImageLoader": "loader", "OutputSpec": "loader", "Batch": "loader", "Reject": "loader",
+    "resolve_backend": "loader", "dali_available": "loader", "CLIP_MEAN": "loader", "CLIP_STD": "loader",
+    "RandomResizedCrop": "views", "CenterCrop": "views", "sample_views": "views",
+    "epoch_order": "views", "rank_slots": "views",
+    "SampleList": "sources", "resolve_source": "sources", "EmptySourceError": "sources",
+    "index_source": "index", "validate": "index",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,163 @@
+"""Recognizing image files cheaply: magic bytes, end markers, header sizes.
+
+The cheap check reads the first bytes of a file (its format's signature) and,
+for JPEG and PNG, looks for the format's end marker near the end: a JPEG must
+hold an EOI marker (FF D9) in its last 64 KiB (bytes after it are legal: some
+cameras append trailers), a PNG an IEND chunk. Most truncated files fail this
+check; files that pass it and still fail to decode are caught at run time by the
+loader (see ``loader.py``).
+
+This module imports only the standard library and PIL (lazily), so the
+``clipdistill index`` command starts fast.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+# How far from the end the JPEG EOI / PNG IEND marker may sit.
+TAIL_WINDOW = 64 * 1024
+HEAD_BYTES = 16
+
+# Formats both decoding paths handle (DALI's decoders and PIL).
+DECODABLE_FORMATS = frozenset({"jpeg", "png", "webp", "bmp", "tiff"})
+
+# Reject reasons; the reject list and the loader's state use these words.
+EMPTY = "empty"
+MISSING = "missing"
+UNREADABLE = "unreadable"
+UNKNOWN_FORMAT = "unknown_format"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TRUNCATED = "truncated"
+DECODE_ERROR = "decode_error"
+TOO_LARGE = "too_large"
+
+# A default bound on width*height: 2**27 pixels (e.g. 11585 x 11585) decodes to
+# 384 MiB of RGB; larger files are rejected rather than risking the host or GPU.
+DEFAULT_MAX_PIXELS = 2**27
+
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND"
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format named by a file's first bytes ("jpeg", "png", ...), or None."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        return "jpeg2000"
+    return None
+
+
+def _end_marker(fmt: str) -> bytes | None:
+    return _JPEG_EOI if fmt == "jpeg" else _PNG_IEND if fmt == "png" else None
+
+
+def check_bytes(data: bytes) -> tuple[str | None, str]:
+    """Cheap check of a whole encoded file in memory.
+
+    Returns:
+        (reason, detail): reason is None for a file that passes, else one of the
+        reject reasons of this module; detail is a short human-readable note.
+    """
+    if not data:
+        return EMPTY, "0 bytes"
+    fmt = sniff_format(data[:HEAD_BYTES])
+    if fmt is None:
+        return UNKNOWN_FORMAT, f"first bytes {data[:8].hex()}"
+    if fmt not in DECODABLE_FORMATS:
+        return UNSUPPORTED_FORMAT, fmt
+    marker = _end_marker(fmt)
+    if marker is not None and data.rfind(marker, max(0, len(data) - TAIL_WINDOW)) < 0:
+        return TRUNCATED, f"{fmt} without its end marker in the last {TAIL_WINDOW // 1024} KiB"
+    return None, fmt
+
+
+def check_file_range(path: str, offset: int = 0, size: int | None = None) -> tuple[str | None, str]:
+    """Cheap check of a file (or of ``size`` bytes at ``offset`` in it, for a tar member).
+
+    Reads 16 bytes at the start and, for JPEG/PNG, the last bytes: first just the
+    marker's length (the common case: the file ends with it), then up to 64 KiB.
+    One open, one fstat and two or three preads per file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return MISSING, "file not found"
+    except OSError as exc:
+        return UNREADABLE, f"{type(exc).__name__}: {exc.strerror or exc}"
+    try:
+        if size is None:
+            size = os.fstat(fd).st_size
+        if size == 0:
+            return EMPTY, "0 bytes"
+        head = os.pread(fd, min(HEAD_BYTES, size), offset)
+        fmt = sniff_format(head)
+        if fmt is None:
+            return UNKNOWN_FORMAT, f"first bytes {head[:8].hex()}"
+        if fmt not in DECODABLE_FORMATS:
+            return UNSUPPORTED_FORMAT, fmt
+        marker = _end_marker(fmt)
+        if marker is None:
+            return None, fmt
+        # PNG's IEND is followed by its 4-byte CRC; JPEG's EOI usually ends the file.
+        quick = len(marker) + (4 if fmt == "png" else 0)
+        if size >= quick and os.pread(fd, len(marker), offset + size - quick) == marker:
+            return None, fmt
+        start = max(0, size - TAIL_WINDOW)
+        tail = os.pread(fd, size - start, offset + start)
+        if tail.rfind(marker) < 0:
+            return TRUNCATED, f"{fmt} without its end marker in the last {TAIL_WINDOW // 1024} KiB"
+        return None, fmt
+    except OSError as exc:
+        return UNREADABLE, f"{type(exc).__name__}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+
+
+def image_size(data: bytes):
+    """Open an encoded image's header with PIL (no decoding): (PIL image, (width, height)).
+
+    Raises:
+        OSError / ValueError (PIL's UnidentifiedImageError is an OSError) when the
+        header cannot be parsed.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Size is bounded by the caller's max_pixels, not by PIL's bomb heuristic.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    return img, img.size
+
+
+def full_decode_check(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
+    """Cheap check, then a full PIL decode (what ``clipdistill index --decode`` runs)."""
+    reason, detail = check_bytes(data)
+    if reason is not None:
+        return reason, detail
+    from PIL import Image
+
+    try:
+        img, (width, height) = image_size(data)
+        if width * height > max_pixels:
+            return TOO_LARGE, f"{width}x{height} > {max_pixels} pixels"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombError as exc:
+        return TOO_LARGE, str(exc)[:200]
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, struct.error ...
+        return DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]
+    return None, detail
