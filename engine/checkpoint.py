@@ -142,24 +142,29 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None) -> Path:
-    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``."""
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_state(path: str | Path, state: dict) -> Path:
+    """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = flatten_state(state)
     # safetensors refuses tensors that share memory; each stored tensor gets its own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "state": json.dumps(skeleton, allow_nan=False)}
-    final = checkpoint_path(folder, step)
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    _fsync_dir(final.parent)
+    return final
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None) -> Path:
+    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    final = save_state(checkpoint_path(folder, step), state)
     if keep_last is not None:
         for _, old in list_checkpoints(folder)[:-keep_last]:
             old.unlink(missing_ok=True)

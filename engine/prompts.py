@@ -22,6 +22,7 @@ vocabulary. All classes are encoded in one batched call per step.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -660,16 +661,21 @@ def build_learner(
     tokenizer: Optional[Tokenizer] = None,
     class_names: Optional[Sequence[str]] = None,
     teacher_dim: Optional[int] = None,
+    templates: Optional[Sequence[str]] = None,
     **options,
 ) -> PromptLearner:
     """Construct the learner called ``name`` (a key of :data:`LEARNERS`) from plain arguments.
 
     Text-side learners need ``tokenizer`` and ``class_names``; PromptKD's student needs
-    ``teacher_dim``; ``options`` are the learner's own keyword arguments (n_ctx, depth, ...).
+    ``teacher_dim``; learners with fixed prompts (VPT, PromptSRC's frozen reference) take
+    ``templates`` and the others ignore it; ``options`` are the learner's own keyword
+    arguments (n_ctx, depth, ...).
     """
     if name not in LEARNERS:
         raise ValueError(f"unknown prompt learner {name!r}; choose one of {sorted(LEARNERS)}")
     cls = LEARNERS[name]
+    if templates is not None and "templates" in inspect.signature(cls.__init__).parameters:
+        options = {**options, "templates": tuple(templates)}
     if cls is PromptKDStudent:
         if teacher_dim is None:
             raise ValueError("promptkd needs teacher_dim, the teacher's embedding size")

@@ -60,6 +60,7 @@ class DataConfig:
     flip: bool = True
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     precheck: bool = True
+    holdout_fraction: float = 0.0  # unlabeled images held out for model selection (never trained on)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     class_vector_cache: Optional[str] = None  # default: <out_dir>/class_vectors
+    select_metric: Literal["kl", "agreement"] = "kl"  # held-out teacher-student metric for best.safetensors
 
 
 @dataclass
@@ -141,6 +143,8 @@ class RunConfig:
         if not 0 < self.data.min_scale <= self.data.max_scale <= 1:
             raise ConfigError(f"data.min_scale/max_scale must satisfy 0 < min <= max <= 1, "
                               f"got {self.data.min_scale}, {self.data.max_scale}")
+        if not 0 <= self.data.holdout_fraction < 1:
+            raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {self.data.holdout_fraction}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
         if self.optim.warmup_steps < 0:

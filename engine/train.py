@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_state, set_rng_state
 from .config import ConfigError
 from .recipes import RunConfig, config_differences, dump_run_config, learner_class, load_run_config
 
@@ -147,18 +147,7 @@ class Run:
     teacher_input: str
     student_input: str
     autocast_dtype: Optional[torch.dtype]
-
-
-def _build_learner(kind: str, clip, *, tokenizer, class_names, templates, teacher_dim: int, options: dict):
-    """The prompt learner ``kind`` over the frozen student ``clip``; fixed-prompt learners get ``templates``."""
-    import inspect
-
-    from .prompts import build_learner
-
-    if "templates" in inspect.signature(learner_class(kind).__init__).parameters:
-        options = {**options, "templates": tuple(templates)}
-    return build_learner(kind, clip, tokenizer=tokenizer, class_names=class_names, teacher_dim=teacher_dim,
-                         **options)
+    heldout_loader: Any = None  # ImageLoader over the held-out unlabeled images (center views), or None
 
 
 def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
@@ -168,6 +157,7 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
 
     from .class_vectors import teacher_class_vectors
     from .models import build_student, build_teacher, get_tokenizer
+    from .prompts import build_learner
     from .step import DistillStep
 
     device = resolve_device(cfg.train.device)
@@ -186,9 +176,9 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
                                     device=device)
     teacher_dim = int(vectors.shape[1])
     student_dim = int(student_clip.visual.output_dim)
-    learner = _build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
+    learner = build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
                             class_names=class_names, templates=templates, teacher_dim=teacher_dim,
-                            options=cfg.learner.options).to(device)
+                            **cfg.learner.options).to(device)
     if cfg.method == "kdpl":
         log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
             f"(D={student_dim}), learner {cfg.learner.kind}, {len(class_names)} classes")
@@ -217,16 +207,34 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     if (t_size, t_mean, t_std) != (s_size, s_mean, s_std):
         outputs.append(OutputSpec("teacher", t_size, t_mean, t_std))
         teacher_input = "teacher"
+    lists = str(Path(cfg.train.out_dir) / "lists")
+    source, heldout_loader = cfg.data.train, None
+    if cfg.data.holdout_fraction > 0:
+        from clipdistill.loaders.sources import resolve_source
+        from clipdistill.loaders.views import CenterCrop
+
+        from .evaluate import holdout_split
+
+        source, heldout = holdout_split(resolve_source(cfg.data.train, cache_dir=lists), cfg.data.holdout_fraction,
+                                        seed=cfg.train.seed)
+        heldout_loader = ImageLoader(
+            heldout, global_batch_size=cfg.data.batch_size, outputs=outputs, transform=CenterCrop(),
+            seed=cfg.train.seed, backend=cfg.data.backend, device=device,
+            dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
+            interpolation=cfg.data.interpolation, precheck=cfg.data.precheck,
+        )
+        log(f"clipdistill: {len(heldout)} unlabeled images held out for model selection "
+            f"(train.select_metric={cfg.train.select_metric})")
     loader = ImageLoader(
-        cfg.data.train, global_batch_size=cfg.data.batch_size, outputs=outputs,
+        source, global_batch_size=cfg.data.batch_size, outputs=outputs,
         transform=RandomResizedCrop(scale=(cfg.data.min_scale, cfg.data.max_scale), flip=cfg.data.flip),
         seed=cfg.train.seed, backend=cfg.data.backend, device=device,
         dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
-        interpolation=cfg.data.interpolation, precheck=cfg.data.precheck,
-        cache_dir=str(Path(cfg.train.out_dir) / "lists"),
+        interpolation=cfg.data.interpolation, precheck=cfg.data.precheck, cache_dir=lists,
     )
     log(f"clipdistill: loader backend {loader.backend}, {len(loader.samples)} images, {len(loader)} steps per epoch")
-    return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype)
+    return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype,
+               heldout_loader)
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -258,6 +266,7 @@ class Trainer:
                               f"grad_accum {o.grad_accum}, epochs {self.cfg.train.epochs}")
         self.global_step = 0
         self.images_seen = 0
+        self.best: Optional[dict] = None  # {"step", metric: value} of the best held-out evaluation
         self.step_fn = torch.compile(run.step) if self.cfg.train.compile else run.step
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -270,10 +279,37 @@ class Trainer:
             "rng": rng_state(),
             "loader": self.run.loader.state_dict(),
             "config": dump_run_config(self.cfg),
+            "best": self.best,
         }
 
     def save(self) -> Path:
         return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last)
+
+    def select(self) -> dict:
+        """Held-out teacher-student agreement and KL (no labels); keep the best learner state.
+
+        Runs at every checkpoint when ``data.holdout_fraction`` > 0. The best state (by
+        ``train.select_metric``) is written to ``<out_dir>/best.safetensors``; without a
+        held-out set the last checkpoint is the result.
+        """
+        run = self.run
+        if run.heldout_loader is None:
+            return {}
+        from .evaluate import heldout_agreement_kl, is_better
+
+        run.heldout_loader.set_epoch(0)
+        result = heldout_agreement_kl(run.step, run.heldout_loader, teacher_input=run.teacher_input,
+                                      student_input=run.student_input, autocast_dtype=run.autocast_dtype)
+        metric = self.cfg.train.select_metric
+        out = {"heldout/agreement": result["agreement"], "heldout/kl": result["kl"]}
+        if is_better(metric, result[metric], None if self.best is None else self.best[metric]):
+            self.best = {"step": self.global_step, "agreement": result["agreement"], "kl": result["kl"]}
+            save_state(self.out_dir / "best.safetensors", {"step": self.global_step, "best": self.best,
+                                                           "learner": run.step.state_to_save(),
+                                                           "config": dump_run_config(self.cfg)})
+            self.log(f"clipdistill: step {self.global_step}: best held-out {metric} so far "
+                     f"({result[metric]:.4g}); saved {self.out_dir / 'best.safetensors'}")
+        return out
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.ckpt_dir)
@@ -294,6 +330,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.global_step = int(state["step"])
         self.images_seen = int(state["images_seen"])
+        self.best = state.get("best")
         self.log(f"clipdistill: resumed from {path} (step {self.global_step})")
         return True
 
@@ -392,6 +429,11 @@ class Trainer:
                     acc, acc_count = {}, 0
                     interval_start, interval_images = time.perf_counter(), 0
                     if self.global_step % cfg.train.checkpoint_every == 0 or done:
+                        selection = self.select()
+                        if selection:
+                            with open(metrics_path, "a", encoding="utf-8") as fh:
+                                fh.write(json.dumps({"step": self.global_step, **selection}) + "\n")
+                            summary = {**record, **selection}
                         last_good_ckpt = self.save()
                 if done:
                     break

@@ -434,3 +434,25 @@ def test_kdpl_step_on_gpu_in_bf16(data_dir, tmp_path):
 def test_distill_function_returns_the_summary(data_dir, tmp_path):
     summary = distill(load_run_config(_config(data_dir, tmp_path, train={"max_steps": 1})), log=lambda m: None)
     assert summary["step"] == 1 and Path(summary["checkpoint"]).is_file()
+
+
+def test_model_selection_on_held_out_unlabeled_images(data_dir, tmp_path):
+    """data.holdout_fraction keeps images out of training; the best held-out KL's state is saved."""
+    cfg = load_run_config(_config(data_dir, tmp_path, data={"holdout_fraction": 0.25},
+                                  train={"max_steps": 4, "checkpoint_every": 2}))
+    run = build_run(cfg, log=lambda m: None)
+    held = {run.heldout_loader.samples.location(i) for i in range(len(run.heldout_loader.samples))}
+    train = {run.loader.samples.location(i) for i in range(len(run.loader.samples))}
+    assert len(held) == 5 and len(train) == 15 and not held & train
+    trainer = Trainer(run, log=lambda m: None)
+    trainer.fit()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "heldout/kl" in x]
+    assert [x["step"] for x in evals] == [2, 4]
+    best = ckpt.load_checkpoint(tmp_path / "best.safetensors")
+    best_kl = min(x["heldout/kl"] for x in evals)
+    assert best["best"]["kl"] == pytest.approx(best_kl) and trainer.best == best["best"]
+    assert best["step"] == [x["step"] for x in evals if x["heldout/kl"] == best_kl][0]
+    assert set(best["learner"]) == set(run.step.state_to_save())
+    with pytest.raises(ConfigError, match=r"data\.holdout_fraction must be in \[0, 1\)"):
+        load_run_config(_config(data_dir, tmp_path), ["data.holdout_fraction=1.5"])

@@ -1,0 +1,245 @@
+"""Export and predict: one safetensors file per student, the same predictions as the in-memory
+student (without the teacher), and a refusal, naming what differs, for every file that does not fit."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from clipdistill.engine import export
+from clipdistill.engine.export import ExportError, export_student, load_export, read_distilled
+
+_spec = importlib.util.spec_from_file_location("_eval_data", Path(__file__).with_name("_eval_data.py"))
+data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(data)
+
+KINDS = [
+    ("coop", {"n_ctx": 4, "init_words": "a photo of a"}),
+    ("cocoop", {"n_ctx": 2}),
+    ("vpt", {"n_tokens": 2, "depth": 2}),
+    ("maple", {"n_ctx": 2, "depth": 2}),
+    ("promptsrc", {"n_text_ctx": 2, "text_depth": 2, "n_vision_ctx": 2, "vision_depth": 2}),
+    ("promptkd", {"n_ctx": 2, "depth": 2, "projector": "conv_bn"}),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return data.World(tmp_path_factory.mktemp("export"))
+
+
+def run_cli(*argv) -> int:
+    from clipdistill.engine import evaluate
+
+    parser = argparse.ArgumentParser(prog="clipdistill")
+    subparsers = parser.add_subparsers()
+    evaluate.register(subparsers)
+    export.register(subparsers)
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def _predict_lines(capsys, *argv) -> list[dict]:
+    assert run_cli("predict", *argv, "--device", "cpu", "--workers", "1", "--batch-size", "3") == 0
+    return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def _in_memory_probabilities(world, learner, kind, images):
+    learner.eval()
+    with torch.no_grad():
+        if kind == "promptkd":
+            logits = learner(images, world.teacher_vectors(data.CLASS_NAMES)).logits
+        else:
+            logits = learner(images).logits
+    return logits.float().softmax(-1)
+
+
+@pytest.mark.parametrize("kind, options", KINDS, ids=[k for k, _ in KINDS])
+def test_export_then_predict_equals_the_in_memory_student(world, capsys, kind, options, tmp_path):
+    checkpoint, learner = world.distilled(kind, options, out=f"run_{kind}")
+    out = tmp_path / f"{kind}.safetensors"
+    assert run_cli("export", checkpoint, "--out", out, "--device", "cpu") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["learner"] == kind and summary["classes"] == 5
+
+    # One file: the learner's state, the class vectors and a JSON header; no backbone by default.
+    with safe_open(str(out), framework="pt") as fh:
+        header = json.loads(fh.metadata()["header"])
+        keys = set(fh.keys())
+    assert {k[len("learner."):] for k in keys if k.startswith("learner.")} == set(learner.state_to_save())
+    assert not any(k.startswith("backbone.") for k in keys)
+    assert header["student"]["name"] == data.TINY_STUDENT and header["student"]["weights_sha256"]
+    assert header["teacher"]["name"] == data.TINY_TEACHER
+    assert header["class_names"] == data.CLASS_NAMES and header["templates"] == ["a photo of a {}."]
+    assert header["learner"] == {"kind": kind, "options": options} and header["method"] in ("kdpl", "promptkd")
+    assert set(header["versions"]) == {"clipdistill", "open_clip", "torch"}
+    expected_space = {"promptkd": "teacher", "cocoop": None}.get(kind, "student")
+    assert header["class_vectors"] == expected_space and ("class_vectors" in keys) == (expected_space is not None)
+    if kind == "promptkd":  # the projector's batch-norm statistics travel with it
+        assert "learner.projector.layers.1.running_var" in keys
+
+    lines = _predict_lines(capsys, world.unlabeled, "--model", out, "--top-k", "3", "--cache-dir", world.cache)
+    ids, images = data.loader_images(export.image_samples([str(world.unlabeled)], cache_dir=world.cache))
+    probabilities = _in_memory_probabilities(world, learner, kind, images)
+    assert len(lines) == len(ids) == 7
+    samples = export.image_samples([str(world.unlabeled)], cache_dir=world.cache)
+    for line, sid, row in zip(lines, ids.tolist(), probabilities):
+        assert line["image"] == samples.location(sid)  # input order
+        scores, indices = row.topk(3)
+        assert [t["index"] for t in line["top"]] == indices.tolist()
+        assert [t["class"] for t in line["top"]] == [data.CLASS_NAMES[i] for i in indices.tolist()]
+        torch.testing.assert_close(torch.tensor([t["score"] for t in line["top"]]), scores, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_loads_no_teacher(world, capsys, tmp_path, monkeypatch):
+    checkpoint, _ = world.distilled("promptkd", {"n_ctx": 2, "depth": 2}, out="run_noteacher")
+    out = tmp_path / "pkd.safetensors"
+    assert run_cli("export", checkpoint, "--out", out, "--device", "cpu") == 0
+    capsys.readouterr()
+    import clipdistill.engine.models as models
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("predict must not load the teacher")
+
+    monkeypatch.setattr(models, "build_teacher", no_teacher)
+    images = sorted(str(p) for p in world.unlabeled.glob("*.png"))[:2]
+    lines = _predict_lines(capsys, *images, "--model", out, "--top-k", "1")
+    assert [line["image"] for line in lines] == images
+    assert all(len(line["top"]) == 1 and 0 < line["top"][0]["score"] <= 1 for line in lines)
+
+
+def test_self_contained_export_of_a_random_init_student(world, tmp_path):
+    """A student without weights (random init) can be exported only with its backbone inside."""
+    from clipdistill.engine.export import construct_learner
+    from clipdistill.engine.models import build_student, get_tokenizer
+
+    torch.manual_seed(11)
+    clip = build_student(data.TINY_STUDENT, None)
+    learner = construct_learner("coop", clip, tokenizer=get_tokenizer(data.TINY_STUDENT),
+                                class_names=data.CLASS_NAMES, templates=["a photo of a {}."], teacher_dim=None,
+                                options={"n_ctx": 3})
+    kwargs = dict(method="kdpl", student={"name": data.TINY_STUDENT, "weights": None},
+                  teacher={"name": data.TINY_TEACHER, "weights": None}, learner_kind="coop",
+                  learner_options={"n_ctx": 3}, class_names=data.CLASS_NAMES, templates=["a photo of a {}."])
+    with pytest.raises(ExportError, match="include_backbone"):
+        export_student(tmp_path / "a.safetensors", learner, **kwargs)
+    path = export_student(tmp_path / "a.safetensors", learner, include_backbone=True, **kwargs)
+    loaded = load_export(path)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    learner.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.classifier(images), learner(images).logits, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+@pytest.fixture(scope="module")
+def coop_export(world, tmp_path_factory):
+    checkpoint, _ = world.distilled("coop", {"n_ctx": 4, "init_words": "a photo of a"}, out="run_refusals")
+    out = tmp_path_factory.mktemp("exports") / "coop.safetensors"
+    export.export_from_checkpoint(checkpoint, out)
+    return out
+
+
+def _rewrite(src: Path, dst: Path, edit_header=None, edit_tensors=None) -> Path:
+    with safe_open(str(src), framework="pt") as fh:
+        metadata = dict(fh.metadata())
+    tensors = load_file(str(src))
+    header = json.loads(metadata["header"])
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    metadata["header"] = json.dumps(header)
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
+
+
+def test_refuses_another_student_architecture(world, coop_export, capsys):
+    with pytest.raises(ExportError, match=rf"trained on student '{data.TINY_STUDENT}'.*'{data.TINY_TEACHER}'"):
+        load_export(coop_export, expect_student=data.TINY_TEACHER)
+    assert run_cli("predict", world.unlabeled, "--model", coop_export, "--student", data.TINY_TEACHER,
+                   "--device", "cpu") == 2
+    assert "prompts do not carry over between architectures" in capsys.readouterr().err
+
+
+def test_refuses_an_open_clip_version_that_changes_shapes(coop_export, tmp_path):
+    def older(header):
+        header["versions"]["open_clip"] = "2.0.0"
+        header["backbone_shapes"]["positional_embedding"] = [77, 64]
+
+    path = _rewrite(coop_export, tmp_path / "old.safetensors", edit_header=older)
+    with pytest.raises(ExportError) as info:
+        load_export(path)
+    message = str(info.value)
+    assert "open_clip 3" in message and "(open_clip 2.0.0)" in message
+    assert "positional_embedding: (77, 64) in the file, (16, 64) now" in message
+
+
+def test_refuses_learner_state_that_does_not_fit(coop_export, tmp_path):
+    def longer(tensors):
+        tensors["learner.prompts.ctx"] = torch.randn(6, 64)
+
+    path = _rewrite(coop_export, tmp_path / "bad.safetensors", edit_tensors=longer)
+    with pytest.raises(ExportError, match=r"prompts\.ctx: \(6, 64\) in the file, \(4, 64\) now"):
+        load_export(path)
+
+
+def test_refuses_other_student_weights(world, coop_export, tmp_path):
+    weights = load_file(str(world.student_weights))
+    weights["logit_scale"] = weights["logit_scale"] + 1.0
+    other = tmp_path / "other_student.safetensors"
+    save_file(weights, str(other))
+    with pytest.raises(ExportError, match="not those the prompts were trained on: SHA-256"):
+        load_export(coop_export, student_weights=str(other))
+    assert load_export(coop_export, student_weights=str(world.student_weights)).class_names == data.CLASS_NAMES
+
+    def moved(header):
+        header["student"]["weights"] = str(tmp_path / "gone.safetensors")
+
+    path = _rewrite(coop_export, tmp_path / "moved.safetensors", edit_header=moved)
+    with pytest.raises(ExportError, match="does not exist here.*--student-weights"):
+        load_export(path)
+
+
+def test_refuses_files_that_are_not_exports(world, coop_export, tmp_path):
+    checkpoint, _ = world.distilled("coop", {"n_ctx": 4}, out="run_not_export")
+    with pytest.raises(ExportError, match="is a training checkpoint; export it first"):
+        load_export(checkpoint)
+    with pytest.raises(ExportError, match="neither a clipdistill export"):
+        read_distilled(world.student_weights)
+    with pytest.raises(ExportError, match="is already an export file"):
+        export.export_from_checkpoint(coop_export, tmp_path / "again.safetensors")
+
+
+def test_refuses_class_specific_context_for_other_names(world):
+    checkpoint, _ = world.distilled("coop", {"n_ctx": 2, "class_specific": True}, out="run_csc")
+    distilled = read_distilled(checkpoint)
+    from clipdistill.engine.export import build_backbone, build_learner
+
+    clip = build_backbone(distilled)
+    assert build_learner(distilled, clip, class_names=data.CLASS_NAMES) is not None
+    with pytest.raises(ExportError, match="class-specific"):
+        build_learner(distilled, clip, class_names=data.OTHER_NAMES)
+
+
+def test_predict_reports_unreadable_images_in_place(world, coop_export, capsys, tmp_path):
+    import shutil
+
+    good = sorted(world.unlabeled.glob("*.png"))[:2]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, path in enumerate(good):
+        shutil.copy(path, folder / f"{i * 2}.png")
+    (folder / "1.png").write_bytes(b"not an image at all")
+    lines = _predict_lines(capsys, folder, "--model", coop_export, "--top-k", "2")
+    assert [Path(line["image"]).name for line in lines] == ["0.png", "1.png", "2.png"]
+    assert "error" in lines[1] and "top" not in lines[1]
+    assert all(len(lines[i]["top"]) == 2 for i in (0, 2))
