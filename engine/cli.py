@@ -19,6 +19,8 @@ from . import __version__
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "clipdistill.engine.train",
     "clipdistill.engine.demo",
+    "clipdistill.engine.teacher_cache",
+    "clipdistill.engine.tune_teacher",
     "clipdistill.engine.evaluate",
     "clipdistill.engine.export",
     "clipdistill.engine.datafree.cli",

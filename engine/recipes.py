@@ -38,6 +38,14 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher; with ``cache`` its features come from a teacher cache and no model is loaded."""
+
+    cache: Optional[str] = None  # a folder made by `clipdistill cache-teacher`
+    prompts: Optional[str] = None  # a prompt-tuned teacher made by `clipdistill tune-teacher` (PromptKD stage 1)
+
+
+@dataclass
 class LearnerConfig:
     """Which prompt learner the student gets, and its constructor options."""
 
@@ -114,7 +122,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     method: Literal["kdpl", "promptkd"]
-    teacher: ModelConfig
+    teacher: TeacherConfig
     student: ModelConfig
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +153,12 @@ class RunConfig:
                               f"got {self.data.min_scale}, {self.data.max_scale}")
         if not 0 <= self.data.holdout_fraction < 1:
             raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {self.data.holdout_fraction}")
+        if self.teacher.cache and self.teacher.prompts:
+            raise ConfigError("teacher.cache and teacher.prompts exclude each other: a cache built from a tuned "
+                              "teacher already holds its features")
+        if self.teacher.cache and self.data.holdout_fraction > 0:
+            raise ConfigError("data.holdout_fraction needs the live teacher (held-out images are not in the "
+                              "teacher cache); unset teacher.cache or data.holdout_fraction")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
         if self.optim.warmup_steps < 0:
@@ -240,7 +254,7 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 __all__ = [
-    "RunConfig", "ModelConfig", "LearnerConfig", "DataConfig", "LossConfig", "OptimConfig", "TrainConfig",
+    "RunConfig", "ModelConfig", "TeacherConfig", "LearnerConfig", "DataConfig", "LossConfig", "OptimConfig", "TrainConfig",
     "load_run_config", "learner_options", "recipe_path", "dump_run_config", "config_differences", "RECIPES",
 ]
 _ = dataclasses  # re-exported helpers above rely on dataclasses at import time

@@ -161,6 +161,8 @@ class DistillStep(nn.Module):
             )
 
     def _teacher_dim(self) -> int:
+        if getattr(self.teacher, "output_dim", None) is not None:  # e.g. the teacher cache's stand-in
+            return int(self.teacher.output_dim)
         model = getattr(self.teacher, "model", self.teacher)
         return int(getattr(model.visual, "output_dim", self.teacher_class_vectors.shape[1]))
 

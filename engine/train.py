@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_state, set_rng_state
@@ -144,16 +145,41 @@ class Run:
     step: Any  # DistillStep
     loader: Any  # ImageLoader
     class_names: list[str]
-    teacher_input: str
+    teacher_input: Optional[str]  # name in Batch.images, or None when the features come from a cache
     student_input: str
     autocast_dtype: Optional[torch.dtype]
     heldout_loader: Any = None  # ImageLoader over the held-out unlabeled images (center views), or None
+    feature_cache: Any = None  # TeacherCache when teacher.cache is set: teacher features are looked up
+
+
+def _cached_teacher(cfg: RunConfig, class_names: list[str], templates: list[str], device: torch.device,
+                    lists: str):
+    """The teacher cache checked against the run, its stand-in teacher, the class vectors, the image list."""
+    from clipdistill.loaders.sources import resolve_source
+
+    from .class_vectors import ClassVectorKey, cached_class_vectors
+    from .teacher_cache import CachedTeacher, TeacherCache, run_key
+
+    cache = TeacherCache(cfg.teacher.cache)
+    samples = resolve_source(cfg.data.train, cache_dir=lists)
+    k = cache.key  # the teacher's input spec is the cache's own: the teacher model is not loaded to compare
+    cache.check(run_key(cfg, num_views=k.num_views, teacher_dim=k.dim, samples=samples,
+                        input_spec=(k.input_size, k.mean, k.std)))
+
+    def missing() -> torch.Tensor:
+        raise ConfigError(f"teacher.cache {cfg.teacher.cache!r} holds no class vectors for these class names and "
+                          f"templates; run cache-teacher again with this config's data.class_names")
+
+    key = ClassVectorKey.make(cfg.teacher.name, cfg.teacher.weights, class_names, templates)
+    vectors, _ = cached_class_vectors(missing, key, cache_dir=Path(cfg.teacher.cache) / "class_vectors",
+                                      device=device)
+    return CachedTeacher(cache).to(device), vectors, cache, samples
 
 
 def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     """Turn a config into models, class vectors, the step and the loader (the one builder)."""
     from clipdistill.loaders.loader import ImageLoader, OutputSpec
-    from clipdistill.loaders.views import RandomResizedCrop
+    from clipdistill.loaders.views import RandomResizedCrop, ReplayViews
 
     from .class_vectors import teacher_class_vectors
     from .models import build_student, build_teacher, get_tokenizer
@@ -167,13 +193,33 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
 
     torch.manual_seed(cfg.train.seed)
-    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device, precision=cfg.teacher.precision)
+    feature_cache = None
+    lists = str(Path(cfg.train.out_dir) / "lists")
+    source = cfg.data.train
+    if cfg.teacher.cache:
+        teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, lists)
+    elif cfg.teacher.prompts:
+        # PromptKD: the class vectors come from the tuned prompts, computed once after loading them
+        # (never from the class-vector cache, whose key does not cover the prompts).
+        from .tune_teacher import load_tuned_teacher, tuned_teacher_class_vectors
+
+        teacher = load_tuned_teacher(cfg.teacher.prompts, device=device, precision=cfg.teacher.precision)
+        if teacher.model_name != cfg.teacher.name:
+            raise ConfigError(f"teacher.prompts {cfg.teacher.prompts!r} were tuned on {teacher.model_name!r}, "
+                              f"but teacher.name is {cfg.teacher.name!r}")
+        vectors = tuned_teacher_class_vectors(teacher, class_names)
+    else:
+        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device,
+                                precision=cfg.teacher.precision)
+        cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
+        vectors = teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
+                                        model_name=cfg.teacher.name, weights=cfg.teacher.weights, cache_dir=cache,
+                                        device=device)
+    # Seeded again: the student's random parts (prompts; a random-init backbone in tests) must not
+    # depend on whether the teacher was built, loaded from tuned prompts or replaced by a cache.
+    torch.manual_seed(cfg.train.seed + 1)
     student_clip = build_student(cfg.student.name, cfg.student.weights, device=device,
                                  precision=cfg.student.precision or "fp32")
-    cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
-    vectors = teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
-                                    model_name=cfg.teacher.name, weights=cfg.teacher.weights, cache_dir=cache,
-                                    device=device)
     teacher_dim = int(vectors.shape[1])
     student_dim = int(student_clip.visual.output_dim)
     learner = build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
@@ -200,15 +246,17 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         precision = "bf16" if device.type == "cuda" else "fp32"
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-    t_size, t_mean, t_std = _image_preprocess(teacher.model)
     s_size, s_mean, s_std = _image_preprocess(student_clip)
     outputs = [OutputSpec("student", s_size, s_mean, s_std)]
-    teacher_input = "student"
-    if (t_size, t_mean, t_std) != (s_size, s_mean, s_std):
-        outputs.append(OutputSpec("teacher", t_size, t_mean, t_std))
-        teacher_input = "teacher"
-    lists = str(Path(cfg.train.out_dir) / "lists")
-    source, heldout_loader = cfg.data.train, None
+    teacher_input: Optional[str] = "student"
+    if feature_cache is not None:
+        teacher_input = None  # the teacher's features come from the cache: no teacher-resolution images
+    else:
+        t_size, t_mean, t_std = _image_preprocess(teacher.model)
+        if (t_size, t_mean, t_std) != (s_size, s_mean, s_std):
+            outputs.append(OutputSpec("teacher", t_size, t_mean, t_std))
+            teacher_input = "teacher"
+    heldout_loader = None
     if cfg.data.holdout_fraction > 0:
         from clipdistill.loaders.sources import resolve_source
         from clipdistill.loaders.views import CenterCrop
@@ -231,10 +279,11 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         seed=cfg.train.seed, backend=cfg.data.backend, device=device,
         dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
         interpolation=cfg.data.interpolation, precheck=cfg.data.precheck, cache_dir=lists,
+        replay=ReplayViews(feature_cache.num_views) if feature_cache is not None else None,
     )
     log(f"clipdistill: loader backend {loader.backend}, {len(loader.samples)} images, {len(loader)} steps per epoch")
     return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype,
-               heldout_loader)
+               heldout_loader, feature_cache)
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -284,6 +333,27 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last)
+
+    def _cached_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's teacher features from the cache, and its mask less rows the cache rejected.
+
+        The loader replays the stored views; every real row's crop and flip are compared with
+        the stored numbers (CPU arrays, no device work), so a changed image or transform can
+        never pair a student view with another view's teacher features.
+        """
+        from .teacher_cache import TeacherCacheError
+
+        ids, views = batch.sample_ids.numpy(), batch.view_ids.numpy()
+        features, stored, valid = self.run.feature_cache.lookup(ids, views)
+        real = batch.mask.numpy()
+        differs = ((stored[real, :4] != batch.crops.numpy()[real]).any(axis=1)
+                   | (stored[real, 4].astype(bool) != batch.flips.numpy()[real]))
+        if differs.any():
+            bad = int(ids[real][np.flatnonzero(differs)[0]])
+            raise TeacherCacheError(f"the loader's view of sample {bad} differs from the cached one: the image "
+                                    f"or the transform changed since the cache was built; rebuild the cache")
+        mask = torch.from_numpy(real & valid)
+        return torch.from_numpy(features).to(self.run.device, non_blocking=True), mask
 
     def select(self) -> dict:
         """Held-out teacher-student agreement and KL (no labels); keep the best learner state.
@@ -366,9 +436,12 @@ class Trainer:
         while self.global_step < self.total_steps:
             for batch in run.loader:
                 mask = batch.mask
-                row_weights = mask.to(device=device, dtype=torch.float32, non_blocking=True)
-                teacher_images = batch.images[run.teacher_input]
+                teacher_images = batch.images[run.teacher_input] if run.teacher_input else None
                 student_images = batch.images[run.student_input]
+                teacher_features = None
+                if run.feature_cache is not None:
+                    teacher_features, mask = self._cached_features(batch)
+                row_weights = mask.to(device=device, dtype=torch.float32, non_blocking=True)
                 real_rows = int(mask.sum())  # the mask lives on the CPU: no device sync
                 if real_rows == 0:
                     # A rank whose share of the epoch's last step is all padding still takes the
@@ -376,7 +449,8 @@ class Trainer:
                     row_weights = None
                 with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
                                     enabled=run.autocast_dtype is not None):
-                    parts = self.step_fn(teacher_images, student_images, row_weights)
+                    parts = self.step_fn(teacher_images, student_images, row_weights,
+                                         teacher_features=teacher_features)
                 if real_rows == 0:
                     parts = {name: value * 0.0 for name, value in parts.items()}
                 (parts["loss"] / accum).backward()

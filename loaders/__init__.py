@@ -21,7 +21,7 @@ _EXPORTS = {
     "ImageLoader": "loader", "OutputSpec": "loader", "Batch": "loader", "Reject": "loader",
     "resolve_backend": "loader", "dali_available": "loader", "CLIP_MEAN": "loader", "CLIP_STD": "loader",
     "RandomResizedCrop": "views", "CenterCrop": "views", "sample_views": "views",
-    "epoch_order": "views", "rank_slots": "views",
+    "epoch_order": "views", "rank_slots": "views", "ReplayViews": "views", "VIEWS_VERSION": "views",
     "SampleList": "sources", "resolve_source": "sources", "EmptySourceError": "sources",
     "index_source": "index", "validate": "index",
 }

@@ -59,7 +59,8 @@ import torch
 
 from . import formats
 from .sources import SampleList, resolve_source
-from .views import CenterCrop, RandomResizedCrop, Transform, epoch_order, rank_slots, sample_views, steps_per_epoch
+from .views import (CenterCrop, RandomResizedCrop, ReplayViews, Transform, epoch_order, rank_slots, sample_views,
+                    steps_per_epoch)
 
 logger = logging.getLogger("clipdistill.loaders")
 
@@ -158,8 +159,10 @@ class Planner:
     """The backend-independent part of a step: ids, reads, checks, view numbers."""
 
     def __init__(self, samples: SampleList, *, global_batch_size: int, rank: int, world_size: int,
-                 views_per_sample: int, seed: int, transform: Transform, precheck: bool, max_pixels: int):
+                 views_per_sample: int, seed: int, transform: Transform, precheck: bool, max_pixels: int,
+                 replay: ReplayViews | None = None):
         self.samples = samples
+        self.replay = replay
         self.global_batch_size = global_batch_size
         self.rank = rank
         self.world_size = world_size
@@ -201,7 +204,7 @@ class Planner:
             if sid in known:
                 plan.sample_ids[j * V:(j + 1) * V] = -1
                 continue
-            reason, detail, data, img, size = self._read(sid, open_images)
+            reason, detail, data, img, size = self.read(sid, open_images)
             if reason is not None:
                 plan.reject_sample(sid, self.samples.location(sid), reason, detail)
                 continue
@@ -210,14 +213,19 @@ class Planner:
                 plan.encoded[r] = data
                 plan.opened[r] = img
         valid = plan.mask
+        view_epoch = epoch
+        if self.replay is not None:
+            plan.view_ids[valid] = self.replay.choose(self.seed, epoch, plan.sample_ids[valid])
+            view_epoch = self.replay.view_epoch
         if valid.any():
-            crops, flips = sample_views(self.transform, self.seed, epoch, plan.sample_ids[valid],
+            crops, flips = sample_views(self.transform, self.seed, view_epoch, plan.sample_ids[valid],
                                         plan.view_ids[valid], plan.sizes[valid, 0], plan.sizes[valid, 1])
             plan.crops[valid] = crops
             plan.flips[valid] = flips
         return plan
 
-    def _read(self, sid: int, open_image: bool):
+    def read(self, sid: int, open_image: bool = False):
+        """Read and check one sample: (reject reason or None, detail, bytes, PIL image or None, (w, h))."""
         try:
             data = self.samples.read(sid)
         except FileNotFoundError:
@@ -303,6 +311,7 @@ class ImageLoader:
         hw_decoder_load: dali-gpu only: share of JPEG decoding sent to the hardware decoder.
         prefetch: steps prepared ahead.
         cache_dir: where a scanned folder's list is saved.
+        replay: show stored views (:class:`ReplayViews`, the teacher cache) instead of new ones.
     """
 
     def __init__(
@@ -326,6 +335,7 @@ class ImageLoader:
         hw_decoder_load: float = 0.65,
         prefetch: int = 2,
         cache_dir: str | os.PathLike | None = None,
+        replay: ReplayViews | None = None,
     ):
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
             raise ValueError(
@@ -335,6 +345,8 @@ class ImageLoader:
             raise ValueError(f"rank must be in [0, {world_size}); got {rank}")
         if views_per_sample < 1:
             raise ValueError(f"views_per_sample must be >= 1; got {views_per_sample}")
+        if replay is not None and views_per_sample != 1:
+            raise ValueError("replay: a replayed run shows one stored view per sample; set views_per_sample=1")
         outputs = tuple(outputs)
         if not outputs or len({o.name for o in outputs}) != len(outputs):
             raise ValueError("outputs: give at least one OutputSpec, with distinct names")
@@ -360,7 +372,7 @@ class ImageLoader:
         self.planner = Planner(
             self.samples, global_batch_size=global_batch_size, rank=rank, world_size=world_size,
             views_per_sample=views_per_sample, seed=self.seed, transform=transform, precheck=precheck,
-            max_pixels=max_pixels,
+            max_pixels=max_pixels, replay=replay,
         )
         self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         self.hw_decoder_load = hw_decoder_load

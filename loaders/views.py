@@ -183,3 +183,31 @@ def sample_views(
     else:
         flips = np.zeros(len(sample_ids), dtype=bool)
     return crops, np.asarray(flips, dtype=bool).reshape(len(sample_ids))
+
+
+# Bumped whenever the mapping from (seed, epoch, sample, view, image size) to a crop and flip
+# changes; stored with anything that replays views later (the teacher cache).
+VIEWS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReplayViews:
+    """Replay stored views instead of drawing new ones (the teacher cache's training mode).
+
+    A cache holds ``num_views`` views of every sample, drawn as in epoch ``view_epoch``.
+    In each training epoch every sample shows one of them, chosen by a hash of
+    (seed, epoch, sample_id): the crop and flip are recomputed from (seed,
+    view_epoch, sample_id, view), so they are exactly the stored ones.
+    """
+
+    num_views: int
+    view_epoch: int = 0
+
+    def __post_init__(self):
+        if self.num_views < 1:
+            raise ValueError(f"ReplayViews: num_views must be >= 1, got {self.num_views}")
+
+    def choose(self, seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
+        """(N,) int64 view ids in [0, num_views) for the samples of an epoch."""
+        ids = np.maximum(np.asarray(sample_ids, dtype=np.int64), 0)
+        return (counter_hash(seed, epoch, 0x7EAC, ids) % np.uint64(self.num_views)).astype(np.int64)
