@@ -321,3 +321,37 @@ def test_cli_tunes_and_refuses_short_classes(tmp_path, capsys):
     assert summary["class_names"] == ["circle", "triangle"] and summary["skipped"] == ["bar"]
     assert read_tuned_header(out)["class_names"] == ["circle", "triangle"]
     assert FORMAT == "clipdistill-tuned-teacher/1"
+
+
+def test_promptkd_distills_from_the_tuned_teacher_end_to_end(tuned, shapes, tmp_path, monkeypatch):
+    """`promptkd` with teacher.prompts: class vectors from the loaded tuned prompts, never the cache."""
+    import numpy as np
+
+    from clipdistill.engine import class_vectors
+    from clipdistill.engine.recipes import load_run_config
+    from clipdistill.engine.train import Trainer, build_run
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a tuned teacher's class vectors must not come from the class-vector cache")
+
+    monkeypatch.setattr(class_vectors, "teacher_class_vectors", no_cache)
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(tuned.class_names) + "\n")
+    config = {
+        "recipe": "promptkd",
+        "teacher": {"name": TINY_TEACHER, "weights": shapes["weights"], "prompts": tuned.path},
+        "student": {"name": "clipdistill-tiny-student", "weights": None},
+        "learner": {"kind": "promptkd", "options": {"n_ctx": 2, "depth": 2}},
+        "data": {"train": str(shapes["test"]), "class_names": str(names), "batch_size": 8, "backend": "torch",
+                 "workers": 0},
+        "train": {"max_steps": 3, "device": "cpu", "out_dir": str(tmp_path / "run"), "progress": False,
+                  "log_every": 1},
+    }
+    run = build_run(load_run_config(config), log=lambda m: None)
+    expected = load_tuned_teacher(tuned.path, device="cpu")
+    assert torch.allclose(run.step.teacher_class_vectors,
+                          tuned_teacher_class_vectors(expected, tuned.class_names), atol=1e-6)
+    summary = Trainer(run, log=lambda m: None).fit()
+    assert summary["step"] == 3 and np.isfinite(summary["loss/kd"])
+    with pytest.raises(Exception, match="were tuned on"):
+        build_run(load_run_config(config, ["teacher.name=clipdistill-tiny-student"]), log=lambda m: None)
