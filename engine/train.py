@@ -29,14 +29,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_state, set_rng_state
 from .config import ConfigError
-from .recipes import RunConfig, config_differences, dump_run_config, learner_class, load_run_config
+from .recipes import RunConfig, config_differences, dump_run_config, load_run_config
 
 
 class NonFiniteLossError(RuntimeError):

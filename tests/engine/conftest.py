@@ -54,3 +54,25 @@ def tokenizer():
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 32, 32)
+
+
+def write_shape_folder(root, classes: list[str], count: int, side: int):
+    """``root/images/*.jpg``: ``count`` demo shapes cycling over ``classes``; ``root/classes.txt``."""
+    import numpy as np
+    from PIL import Image
+
+    from clipdistill.engine.demo import render_image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    for i in range(count):
+        image = render_image(i % len(classes), rng, side=side)
+        Image.fromarray(image).save(root / "images" / f"{i:03d}.jpg", quality=90)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shape_folder(tmp_path_factory):
+    """A factory: ``shape_folder(name, classes, count, side)`` -> a folder of generated shape JPEGs."""
+    return lambda name, classes, count, side: write_shape_folder(tmp_path_factory.mktemp(name), classes, count, side)

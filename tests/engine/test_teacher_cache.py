@@ -17,18 +17,8 @@ CLASSES = ["circle", "square", "triangle"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    from clipdistill.engine.demo import render_image
-
-    root = tmp_path_factory.mktemp("cache_data")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    for i in range(10):
-        Image.fromarray(render_image(i % 3, rng, side=48)).save(root / "images" / f"{i:03d}.jpg", quality=90)
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return root
+def data_dir(shape_folder) -> Path:
+    return shape_folder("cache_data", CLASSES, 10, 48)
 
 
 def _config(data_dir: Path, out: Path, **train) -> dict:

@@ -22,19 +22,9 @@ CLASSES = ["circle", "square", "triangle", "cross", "ring"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
+def data_dir(shape_folder) -> Path:
     """20 small generated JPEGs of the demo's shapes and a class-name file."""
-    from PIL import Image
-
-    from clipdistill.engine.demo import render_image
-
-    root = tmp_path_factory.mktemp("train_data")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    for i in range(20):
-        Image.fromarray(render_image(i % 5, rng, side=40)).save(root / "images" / f"{i:03d}.jpg", quality=90)
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return root
+    return shape_folder("train_data", CLASSES, 20, 40)
 
 
 def _config(data_dir: Path, out_dir: Path, **sections) -> dict:
