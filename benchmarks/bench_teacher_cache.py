@@ -20,6 +20,7 @@ shipped configs on the CPU, 64 generated images, batch 16.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -142,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"{args.teacher}->{args.student},{args.learner},N={args.images},B={args.batch},K={args.views}"
     dtype = "bf16-autocast" if device == "cuda" else "fp32"
     rows = []
+    loadavg = round(os.getloadavg()[0], 2)  # other work on a shared machine skews wall-clock epochs
     for provider, fn in fns.items():
         stats = measure(fn, device="cpu", warmup=1, repeats=args.repeats)  # wall clock: an epoch crosses the host
         rows.append({"provider": provider, "shape": shape, "dtype": dtype, "metric": "epoch_ms", **stats,
-                     "images_per_s": args.images / (stats["median"] / 1e3), **facts})
+                     "images_per_s": args.images / (stats["median"] / 1e3), "loadavg_1m_before": loadavg,
+                     **facts})
     rows.append({"provider": "cache_build", "shape": shape, "dtype": dtype, "metric": "build_ms",
                  "median": cache_seconds * 1e3, "p20": cache_seconds * 1e3, "p80": cache_seconds * 1e3,
                  "unit": "ms", "repeats": 1, "peak_mem_bytes": None})
