@@ -104,7 +104,7 @@ def cpu_cases() -> list[tuple[str, Callable[[], object]]]:
     def case(provider: str):
         def run():
             if "fns" not in state:
-                args = _parser().parse_args(["--quick", "--images", "16", "--batch", "8", "--views", "2"])
+                args = _parse(["--quick", "--images", "16", "--batch", "8", "--views", "2"])
                 state["dir"] = tempfile.mkdtemp(prefix="bench_teacher_cache_")
                 state["fns"], _, _ = make_epoch_fns(args, Path(state["dir"]))
             return state["fns"][provider]()
@@ -129,14 +129,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments with the defaults of the machine: the issue's GPU setting, or the tiny CPU one."""
     args = _parser().parse_args(argv)
-    quick = args.quick or not torch.cuda.is_available()
-    args.quick = quick
+    args.quick = quick = args.quick or not torch.cuda.is_available()
     args.images = args.images or (64 if quick else 2048)
     args.batch = args.batch or (16 if quick else 256)
     args.teacher = args.teacher or ("clipdistill-tiny-teacher" if quick else "ViT-L-14")
     args.student = args.student or ("clipdistill-tiny-student" if quick else "ViT-B-16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    quick = args.quick
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_teacher_cache_"))
     fns, cache_seconds, facts = make_epoch_fns(args, work)
     device = "cuda" if torch.cuda.is_available() else "cpu"

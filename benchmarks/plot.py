@@ -74,6 +74,46 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
+def plot_breakdowns(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Stacked bars of the per-stage time (rows with a ``breakdown_ms`` dict, e.g. bench_e2e).
+
+    One figure per (benchmark, device); one bar per (provider, shape), its segments the
+    median milliseconds of each stage from the instrumented (synchronizing) step.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for row in rows:
+        if isinstance(row.get("breakdown_ms"), dict):
+            groups.setdefault((row["benchmark"], row.get("device", "")), []).append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (benchmark, device), group in groups.items():
+        stages = list(OrderedDict.fromkeys(k for r in group for k in r["breakdown_ms"]))
+        labels = [f"{r['provider']} {r['shape']} {r['dtype']}" for r in group]
+        fig, ax = plt.subplots(figsize=(9, max(3, 0.35 * len(group) + 1.5)))
+        left = [0.0] * len(group)
+        for stage in stages:
+            widths = [float(r["breakdown_ms"].get(stage) or 0.0) for r in group]
+            ax.barh(range(len(group)), widths, left=left, label=stage)
+            left = [a + b for a, b in zip(left, widths)]
+        ax.set_yticks(range(len(group)))
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per step (instrumented: synchronized between stages)")
+        ax.set_title(f"{benchmark}: time per stage\n{device}", fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"{_slug(benchmark)}__breakdown__{_slug(device or 'unknown')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of *.jsonl result files")
@@ -82,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = latest_rows(load_results(results_dir=args.results), include_quick=args.include_quick)
     paths = plot(rows, args.out or args.results / "plots")
+    paths += plot_breakdowns(rows, args.out or args.results / "plots")
     for p in paths:
         print(p)
     print(json.dumps({"plots": len(paths), "rows": len(rows)}))

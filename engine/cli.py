@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "clipdistill.engine.demo",
     "clipdistill.engine.teacher_cache",
     "clipdistill.engine.tune_teacher",
+    "clipdistill.engine.bench_e2e",
     "clipdistill.engine.evaluate",
     "clipdistill.engine.export",
     "clipdistill.engine.datafree.cli",
