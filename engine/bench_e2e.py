@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import importlib.util
 import math
-import os
 import sys
 import tempfile
 import time
