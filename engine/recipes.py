@@ -117,6 +117,7 @@ class TrainConfig:
     tensorboard: bool = False
     class_vector_cache: Optional[str] = None  # default: <out_dir>/class_vectors
     select_metric: Literal["kl", "agreement"] = "kl"  # held-out teacher-student metric for best.safetensors
+    deepspeed: Optional[str] = None  # a DeepSpeed JSON config (ZeRO-3): shard the teacher (see engine/distributed.py)
 
 
 @dataclass

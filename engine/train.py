@@ -150,6 +150,7 @@ class Run:
     autocast_dtype: Optional[torch.dtype]
     heldout_loader: Any = None  # ImageLoader over the held-out unlabeled images (center views), or None
     feature_cache: Any = None  # TeacherCache when teacher.cache is set: teacher features are looked up
+    owns_process_group: bool = False  # build_run joined the launcher's process group (distill() leaves it)
 
 
 def _cached_teacher(cfg: RunConfig, class_names: list[str], templates: list[str], device: torch.device,
@@ -181,6 +182,7 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     from clipdistill.loaders.loader import ImageLoader, OutputSpec
     from clipdistill.loaders.views import RandomResizedCrop, ReplayViews
 
+    from . import distributed
     from .class_vectors import teacher_class_vectors
     from .models import build_student, build_teacher, get_tokenizer
     from .prompts import build_learner
@@ -191,6 +193,25 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     templates = read_templates(cfg.data.templates)
     if not cfg.data.train:
         raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
+    # Several processes only under a launcher (engine/distributed.py); without one nothing changes.
+    ds_config = None
+    if cfg.train.deepspeed:
+        if cfg.teacher.cache or cfg.teacher.prompts:
+            raise ConfigError("train.deepspeed shards the live teacher; it does not combine with teacher.cache or "
+                              "teacher.prompts yet")
+        ds_config = distributed.load_deepspeed_config(cfg.train.deepspeed, micro_batch_size=cfg.data.batch_size)
+    launch = distributed.detect_launch(required=ds_config is not None,
+                                       reason="train.deepspeed is set, and DeepSpeed runs one process per device.")
+    owns_group = False
+    if launch is not None:
+        device = distributed.rank_device(device, launch)
+        owns_group = distributed.init_process_group(launch, device)
+    rank, world = distributed.rank_and_world()
+    if world > 1:
+        distributed.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=None)
+        if cfg.data.holdout_fraction > 0:
+            raise ConfigError("data.holdout_fraction: held-out selection runs in one process only for now; "
+                              "set it to 0 for a distributed run")
 
     torch.manual_seed(cfg.train.seed)
     feature_cache = None
@@ -209,12 +230,22 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
                               f"but teacher.name is {cfg.teacher.name!r}")
         vectors = tuned_teacher_class_vectors(teacher, class_names)
     else:
-        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device,
-                                precision=cfg.teacher.precision)
         cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
-        vectors = teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
-                                        model_name=cfg.teacher.name, weights=cfg.teacher.weights, cache_dir=cache,
-                                        device=device)
+
+        def class_vectors(live_teacher) -> torch.Tensor:
+            return teacher_class_vectors(live_teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
+                                         model_name=cfg.teacher.name, weights=cfg.teacher.weights,
+                                         cache_dir=cache, device=device)
+
+        if ds_config is not None:
+            teacher, vectors = distributed.build_sharded_teacher(
+                cfg.teacher.name, cfg.teacher.weights, ds_config, device=device, class_vectors=class_vectors,
+                seed=cfg.train.seed)
+        else:
+            teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device,
+                                    precision=cfg.teacher.precision)
+            # Computed (and cached) on rank 0 only, then shared; a plain call in a single process.
+            vectors = distributed.broadcast_from_rank0(lambda: class_vectors(teacher), device)
     # Seeded again: the student's random parts (prompts; a random-init backbone in tests) must not
     # depend on whether the teacher was built, loaded from tuned prompts or replaced by a cache.
     torch.manual_seed(cfg.train.seed + 1)
@@ -225,6 +256,8 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     learner = build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
                             class_names=class_names, templates=templates, teacher_dim=teacher_dim,
                             **cfg.learner.options).to(device)
+    if world > 1:
+        learner = distributed.sync_batch_norm(learner)  # PromptKD's projector BN sees the global batch
     if cfg.method == "kdpl":
         log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
             f"(D={student_dim}), learner {cfg.learner.kind}, {len(class_names)} classes")
@@ -280,10 +313,15 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
         interpolation=cfg.data.interpolation, precheck=cfg.data.precheck, cache_dir=lists,
         replay=ReplayViews(feature_cache.num_views) if feature_cache is not None else None,
+        rank=rank, world_size=world,
     )
+    if world > 1:
+        distributed.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=len(loader.samples))
+        log(f"clipdistill: rank {rank} of {world}: {cfg.data.batch_size // world} of every {cfg.data.batch_size} "
+            f"images per step" + (", teacher sharded with ZeRO-3" if ds_config is not None else ""))
     log(f"clipdistill: loader backend {loader.backend}, {len(loader.samples)} images, {len(loader)} steps per epoch")
     return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype,
-               heldout_loader, feature_cache)
+               heldout_loader, feature_cache, owns_group)
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -317,6 +355,11 @@ class Trainer:
         self.images_seen = 0
         self.best: Optional[dict] = None  # {"step", metric: value} of the best held-out evaluation
         self.step_fn = torch.compile(run.step) if self.cfg.train.compile else run.step
+        from .distributed import rank_and_world
+
+        # Several ranks: every rank runs the same steps on its slice; rank 0 alone writes files.
+        self.rank, self.world = rank_and_world()
+        self.is_main = self.rank == 0
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -332,6 +375,10 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.world > 1:
+            self.run.loader.sync_rejects()  # a collective: the checkpoint carries every rank's rejects
+            if not self.is_main:
+                return self.ckpt_dir / f"step-{self.global_step:09d}.safetensors"
         return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last)
 
     def _cached_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +436,8 @@ class Trainer:
         state = load_checkpoint(path)
         saved, now = state["config"], dump_run_config(self.cfg)
         ignorable = ("train.resume", "train.max_steps", "train.epochs", "train.progress", "train.log_every",
-                     "train.checkpoint_every", "train.keep_last", "train.tensorboard")
+                     "train.checkpoint_every", "train.keep_last", "train.tensorboard",
+                     "train.deepspeed")  # how the teacher is sharded does not change the run
         different = [k for k in config_differences(saved, now) if k not in ignorable]
         if different:
             raise ConfigError(f"--resume: the checkpoint {path} was made with a different config: "
@@ -418,10 +466,12 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.train.resume:
             self.resume()
-        (self.out_dir / "config.json").write_text(json.dumps(dump_run_config(cfg), indent=2))
+        if self.is_main:
+            (self.out_dir / "config.json").write_text(json.dumps(dump_run_config(cfg), indent=2))
         metrics_path = self.out_dir / "metrics.jsonl"
-        tb = self._tensorboard()
-        progress = self._progress()
+        tb = self._tensorboard() if self.is_main else None
+        progress = self._progress() if self.is_main else None
+        images_logged, window_rows = self.images_seen, 0  # several ranks: global counts at each log
         device, accum = run.device, cfg.optim.grad_accum
         run.step.train()
         acc: dict[str, torch.Tensor] = {}
@@ -460,12 +510,18 @@ class Trainer:
                 acc_count += 1
                 self.images_seen += real_rows
                 interval_images += real_rows
+                window_rows += real_rows
                 micro += 1
                 if micro % accum:
                     continue
                 bad_now = ~torch.isfinite(parts["loss"].detach())
                 first_bad = torch.where((first_bad < 0) & bad_now,
                                         torch.full_like(first_bad, self.global_step), first_bad)
+                if self.world > 1:
+                    from .distributed import average_gradients
+
+                    average_gradients(self.params, window_rows)
+                window_rows = 0
                 if cfg.optim.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad_norm)
                 self.optimizer.step()
@@ -479,6 +535,19 @@ class Trainer:
                     names = list(acc)
                     values = (torch.stack([acc[n] for n in names]) / acc_count).tolist()
                     bad = int(first_bad)
+                    if self.world > 1:
+                        # The global batch's losses (each rank's weighted by its real rows) and counts;
+                        # every rank sees a non-finite loss anywhere, so all stop together.
+                        from .distributed import all_reduce_sum
+
+                        summed = all_reduce_sum([v * interval_images for v in values]
+                                                + [interval_images, float(bad >= 0)], device)
+                        interval_images = int(summed[len(names)])
+                        values = [v / max(interval_images, 1) for v in summed[:len(names)]]
+                        if summed[len(names) + 1] > 0 and bad < 0:
+                            bad = max(0, self.global_step - 1)
+                        self.images_seen = images_logged + interval_images
+                        images_logged = self.images_seen
                     if bad >= 0 or not all(math.isfinite(v) for v in values):
                         where = bad if bad >= 0 else self.global_step - 1
                         good = f"the last good checkpoint, {last_good_ckpt}, is intact" if last_good_ckpt else \
@@ -489,8 +558,9 @@ class Trainer:
                               **{f"loss/{n}": v for n, v in zip(names, values)},
                               "images_per_s": interval_images / max(elapsed, 1e-9),
                               "images_seen": self.images_seen, "rejected_images": len(run.loader.rejects)}
-                    with open(metrics_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    if self.is_main:
+                        with open(metrics_path, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps(record) + "\n")
                     if tb is not None:
                         for key, value in record.items():
                             if key != "step":
@@ -539,14 +609,24 @@ class Trainer:
 def distill(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
     """Build and run a distillation; return the last metrics line plus the final checkpoint path."""
     run = build_run(cfg, log=log)
-    return Trainer(run, log=log).fit()
+    try:
+        summary = Trainer(run, log=log).fit()
+        if run.owns_process_group:
+            torch.distributed.barrier()  # rank 0's last checkpoint is written before anyone leaves
+        return summary
+    finally:
+        # With DeepSpeed the group is left to process exit: destroying it under DeepSpeed's
+        # communication backend aborts the process (SIGABRT) after the run has finished.
+        if run.owns_process_group and not cfg.train.deepspeed:
+            torch.distributed.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------- CLI
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    # `deepspeed=ds_config.json` is short for train.deepspeed=ds_config.json.
+    overrides = [f"train.{o}" if o.startswith("deepspeed=") else o for o in args.overrides]
     if args.resume:
         overrides.append("train.resume=true")
     try:

@@ -1,0 +1,311 @@
+"""Distributed distillation (engine/distributed.py): launcher detection, DeepSpeed config checks,
+the ZeRO-3-sharded teacher, two ranks against one process, resume across world sizes.
+
+The multi-process tests are marked ``distributed`` (run with ``--run-distributed``): they
+start 2 CPU processes with ``torchrun`` (gloo) on the tiny models and generated images.
+DeepSpeed compiles a shared-memory op with g++ on its first distributed start (about 80 s
+here); it is cached in ``TORCH_EXTENSIONS_DIR`` (default below), so later runs take seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipdistill.engine import checkpoint as ckpt
+from clipdistill.engine.config import ConfigError
+from clipdistill.engine.distributed import check_world, detect_launch, load_deepspeed_config
+
+CLASSES = ["circle", "square", "triangle", "cross", "ring"]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "clipdistill" / "torch_extensions"))
+DS_CONFIG = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+LAUNCH = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+# --------------------------------------------------------------------------------- default tier
+
+
+def test_no_launcher_environment_is_a_single_process_run():
+    assert detect_launch({}) is None
+
+
+def test_launcher_environment_is_read():
+    env = detect_launch({**LAUNCH, "RANK": "1", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == \
+        (1, 2, 1, "127.0.0.1", 29500)
+
+
+def test_deepspeed_without_launcher_names_what_is_missing():
+    with pytest.raises(ConfigError, match="RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.*torchrun"):
+        detect_launch({}, required=True, reason="train.deepspeed is set.")
+
+
+def test_partial_launcher_environment_names_the_missing_variables():
+    partial = {k: v for k, v in LAUNCH.items() if k not in ("MASTER_PORT", "LOCAL_RANK")}
+    with pytest.raises(ConfigError, match="lacks LOCAL_RANK, MASTER_PORT"):
+        detect_launch(partial)
+    with pytest.raises(ConfigError, match="integers"):
+        detect_launch({**LAUNCH, "WORLD_SIZE": "two"})
+    with pytest.raises(ConfigError, match="do not describe a rank"):
+        detect_launch({**LAUNCH, "RANK": "2"})
+
+
+def _ds_file(tmp_path: Path, content) -> Path:
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a JSON file"),
+    ([3], "must be a JSON object"),
+    ({"zero_optimization": {"stage": 2}}, "stage must be 3.*got 2"),
+    ({}, "stage must be 3.*got None"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "tape"}}}, "none, cpu, nvme, got 'tape'"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "needs offload_param.nvme_path"),
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+])
+def test_bad_deepspeed_config_is_refused(tmp_path, content, message):
+    with pytest.raises(ConfigError, match=message):
+        load_deepspeed_config(_ds_file(tmp_path, content), micro_batch_size=4)
+
+
+def test_missing_deepspeed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_deepspeed_config(tmp_path / "nope.json", micro_batch_size=4)
+
+
+def test_good_deepspeed_config_gets_a_micro_batch(tmp_path):
+    cfg = load_deepspeed_config(_ds_file(tmp_path, {"zero_optimization": {
+        "stage": 3, "offload_param": {"device": "cpu"}}}), micro_batch_size=4)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_more_ranks_than_samples_or_an_uneven_batch_is_refused():
+    with pytest.raises(ConfigError, match="4 ranks but only 3 training images"):
+        check_world(4, global_batch_size=4, num_samples=3)
+    with pytest.raises(ConfigError, match="multiple of the number of ranks"):
+        check_world(2, global_batch_size=5, num_samples=None)
+    check_world(2, global_batch_size=4, num_samples=2)
+
+
+def test_distill_with_deepspeed_but_no_launcher_fails_plainly(tmp_path, shape_folder, monkeypatch):
+    from clipdistill.engine.recipes import load_run_config
+    from clipdistill.engine.train import build_run
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    data = shape_folder("ds_nolaunch", CLASSES, 4, 40)
+    cfg = load_run_config(_config(data, tmp_path / "out", deepspeed=str(_ds_file(tmp_path, DS_CONFIG))))
+    with pytest.raises(ConfigError, match="environment lacks RANK"):
+        build_run(cfg, log=lambda m: None)
+
+
+def test_deepspeed_override_is_short_for_train_deepspeed(tmp_path, shape_folder, monkeypatch):
+    """`clipdistill distill ... deepspeed=FILE` reaches train.deepspeed (here: refused without a launcher)."""
+    from clipdistill.engine.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    data = shape_folder("ds_override", CLASSES, 4, 40)
+    config = _write_config(_config(data, tmp_path / "out"), tmp_path / "run.yaml")
+    bad = _ds_file(tmp_path, {"zero_optimization": {"stage": 1}})
+    assert main(["distill", "--config", str(config), f"deepspeed={bad}"]) == 2
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _config(data_dir: Path, out_dir: Path, *, max_steps: int = 4, deepspeed: str | None = None, **train) -> dict:
+    return {
+        "recipe": "kdpl",
+        "teacher": {"name": "clipdistill-tiny-teacher", "weights": None},
+        "student": {"name": "clipdistill-tiny-student", "weights": None},
+        "learner": {"kind": "coop", "options": {"n_ctx": 2, "init_words": None}},
+        "data": {"train": str(data_dir / "images"), "class_names": str(data_dir / "classes.txt"),
+                 "templates": "generic", "batch_size": 8, "backend": "torch", "workers": 0,
+                 "interpolation": "bilinear"},
+        "optim": {"lr": 0.05, "warmup_steps": 1},
+        "train": {"epochs": 1, "max_steps": max_steps, "device": "cpu", "out_dir": str(out_dir), "log_every": 1,
+                  "checkpoint_every": 2, "keep_last": 5, "progress": False, "seed": 0, "deepspeed": deepspeed,
+                  **train},
+    }
+
+
+def _write_config(cfg: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": EXTENSIONS, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_state(out_dir: Path) -> dict:
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(out_dir / "checkpoints"))
+
+
+def _run_in_process(cfg: dict) -> dict:
+    from clipdistill.engine.recipes import load_run_config
+    from clipdistill.engine.train import distill
+
+    return distill(load_run_config(cfg), log=lambda m: None)
+
+
+# --------------------------------------------------------------------------------- distributed tier
+
+SHARD_WORKER = r'''
+import json, os, sys
+import torch
+from clipdistill.engine.distributed import (build_sharded_teacher, detect_launch, init_process_group,
+                                            load_deepspeed_config)
+env = detect_launch()
+init_process_group(env, torch.device("cpu"))
+ds = load_deepspeed_config(sys.argv[1], micro_batch_size=2)
+vectors_made = []
+def class_vectors(teacher):
+    vectors_made.append(torch.distributed.get_rank())
+    return torch.nn.functional.normalize(teacher.encode_text(torch.randint(0, 400, (3, 16))), dim=-1)
+teacher, vectors = build_sharded_teacher("clipdistill-tiny-teacher", None, ds, device=torch.device("cpu"),
+                                         class_vectors=class_vectors, seed=0)
+params = {name: [int(p.ds_numel), int(p.ds_tensor.numel()), int(p.data.numel())]
+          for name, p in teacher.model.visual.named_parameters()}
+images = torch.load(sys.argv[2])
+teacher.train()
+features = teacher.encode_image(images)
+json.dump({"params": params, "features": features.tolist(), "vectors": vectors.tolist(),
+           "logit_scale": float(teacher.logit_scale), "output_dim": teacher.output_dim,
+           "training": teacher.training or any(m.training for m in teacher.model.visual.modules()), "made_by": vectors_made},
+          open(os.path.join(sys.argv[3], f"rank{env.rank}.json"), "w"))
+torch.distributed.barrier()  # the group is left to process exit (destroying it under DeepSpeed aborts)
+'''
+
+
+@pytest.mark.distributed
+def test_each_rank_holds_half_of_every_teacher_parameter(tmp_path):
+    pytest.importorskip("deepspeed", reason="the distributed tier needs DeepSpeed: pip install -e '.[deepspeed]'")
+    from clipdistill.engine.models import build_teacher
+
+    (tmp_path / "worker.py").write_text(SHARD_WORKER)
+    ds = _ds_file(tmp_path, DS_CONFIG)
+    images = torch.randn(3, 3, 32, 32)
+    torch.save(images, tmp_path / "images.pt")
+    _torchrun(2, [str(tmp_path / "worker.py"), str(ds), str(tmp_path / "images.pt"), str(tmp_path)], cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    torch.manual_seed(0)
+    reference = build_teacher("clipdistill-tiny-teacher", None, device="cpu")
+    full = dict(reference.model.visual.named_parameters())
+    assert set(ranks[0]["params"]) == set(full)
+    for name, p in full.items():
+        held = [r["params"][name] for r in ranks]
+        for ds_numel, local, materialized in held:
+            assert ds_numel == p.numel(), name
+            assert local == -(-p.numel() // 2), (name, local, p.numel())  # half, rounded up (padded partition)
+            assert materialized == 0, name  # nothing gathered outside a forward (persistence threshold 0)
+    expected = reference.encode_image(images)
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["features"]), expected, rtol=1e-5, atol=1e-5)
+        assert r["logit_scale"] == pytest.approx(float(reference.logit_scale))
+        assert r["output_dim"] == expected.shape[1] and not r["training"]
+    assert ranks[0]["vectors"] == ranks[1]["vectors"], "class vectors broadcast from rank 0"
+    assert ranks[0]["made_by"] == [0] and ranks[1]["made_by"] == []
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(shape_folder, tmp_path_factory):
+    """One 2-rank DeepSpeed run of 4 steps (16 images, global batch 8: 2 epochs, no padding)."""
+    pytest.importorskip("deepspeed", reason="the distributed tier needs DeepSpeed: pip install -e '.[deepspeed]'")
+    root = tmp_path_factory.mktemp("two_ranks")
+    data = shape_folder("dist_data", CLASSES, 16, 40)
+    ds = _ds_file(root, DS_CONFIG)
+    config = _write_config(_config(data, root / "two"), root / "two.yaml")
+    _torchrun(2, ["-m", "clipdistill.engine.cli", "distill", "--config", str(config), f"deepspeed={ds}"], cwd=root)
+    # The resume tests rewind root/two itself (a checkpoint records its out_dir); this copy is the reference.
+    shutil.copytree(root / "two", root / "two_full")
+    return {"root": root, "data": data, "ds": ds, "out": root / "two_full", "work": root / "two"}
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process(two_rank_runs, tmp_path):
+    one = tmp_path / "one"
+    _run_in_process(_config(two_rank_runs["data"], one))  # the plain engine: no launcher, no DeepSpeed
+    got, want = _metrics(two_rank_runs["out"]), _metrics(one)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        assert g["images_seen"] == w["images_seen"]
+        assert g["loss/loss"] == pytest.approx(w["loss/loss"], rel=1e-5, abs=1e-6), g["step"]
+    assert [s for s, _ in ckpt.list_checkpoints(two_rank_runs["out"] / "checkpoints")] == [2, 4]
+    two_state, one_state = _final_state(two_rank_runs["out"]), _final_state(one)
+    assert set(two_state["learner"]) == set(one_state["learner"])
+    for key, value in one_state["learner"].items():
+        torch.testing.assert_close(two_state["learner"][key], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(value, torch.zeros_like(value))
+
+
+def _interrupted_copy(runs: dict) -> Path:
+    """The 2-rank run's folder as a kill after step 2 leaves it: its step-2 checkpoint, metrics up to it."""
+    out = runs["work"]
+    shutil.rmtree(out)
+    shutil.copytree(runs["out"], out)
+    (out / "checkpoints" / "step-000000004.safetensors").unlink()
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:2]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.mark.distributed
+def test_resume_a_two_rank_checkpoint_with_two_ranks(two_rank_runs, tmp_path):
+    out = _interrupted_copy(two_rank_runs)
+    config = _write_config(_config(two_rank_runs["data"], out), tmp_path / "resume.yaml")
+    proc = _torchrun(2, ["-m", "clipdistill.engine.cli", "distill", "--config", str(config), "--resume",
+                         f"deepspeed={two_rank_runs['ds']}"], cwd=tmp_path)
+    assert "resumed from" in proc.stderr
+    _assert_same_end(two_rank_runs["out"], out)
+
+
+@pytest.mark.distributed
+def test_resume_a_two_rank_checkpoint_in_one_process(two_rank_runs, tmp_path):
+    out = _interrupted_copy(two_rank_runs)
+    _run_in_process(_config(two_rank_runs["data"], out, resume=True))
+    _assert_same_end(two_rank_runs["out"], out)
+
+
+def _assert_same_end(full: Path, resumed: Path) -> None:
+    a, b = _final_state(full), _final_state(resumed)
+    assert a["step"] == b["step"] == 4 and a["images_seen"] == b["images_seen"] == 32
+    assert a["loader"]["samples_consumed"] == b["loader"]["samples_consumed"]
+    for key, value in a["learner"].items():
+        torch.testing.assert_close(b["learner"][key], value, rtol=1e-5, atol=1e-6)
+    got, want = _metrics(resumed), _metrics(full)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for g, w in zip(got[2:], want[2:]):
+        assert g["loss/loss"] == pytest.approx(w["loss/loss"], rel=1e-5, abs=1e-6)
