@@ -255,20 +255,23 @@ class _GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
-        count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
-        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         c = x.shape[1]
+        # Two passes, as torch's batch norm: the global mean first, then the global sum of squared
+        # deviations from it (E[x²] - mean² loses float32 precision when |mean| >> std).
+        count = torch.tensor([float(x.numel() // c)], device=x.device)
+        stats = all_reduce(torch.cat([x.sum(dims), count]))
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        shape = [1, c] + [1] * (input.dim() - 2)
+        centered = x - mean.view(shape)
+        var = all_reduce((centered * centered).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1.0))
-        shape = [1, c] + [1] * (input.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(input.dtype)
@@ -322,6 +325,13 @@ class ShardedTeacher(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self._logit_scale
+
+    @property
+    def offload_device(self) -> str:
+        """Where DeepSpeed keeps the partitions (``offload_param.device`` as the engine took it): none, cpu, nvme."""
+        offload = self.engine.zero_offload_param()
+        device = getattr(offload, "device", None) if offload is not None else None
+        return str(getattr(device, "value", device) or "none")
 
     @property
     def input_dtype(self) -> torch.dtype:

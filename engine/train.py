@@ -318,7 +318,8 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     if world > 1:
         distributed.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=len(loader.samples))
         log(f"clipdistill: rank {rank} of {world}: {cfg.data.batch_size // world} of every {cfg.data.batch_size} "
-            f"images per step" + (", teacher sharded with ZeRO-3" if ds_config is not None else ""))
+            f"images per step" + (f", teacher sharded with ZeRO-3 (offload_param: {teacher.offload_device})"
+                                 if ds_config is not None else ""))
     log(f"clipdistill: loader backend {loader.backend}, {len(loader.samples)} images, {len(loader)} steps per epoch")
     return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype,
                heldout_loader, feature_cache, owns_group)
@@ -639,6 +640,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         print(f"clipdistill distill: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
+    if cfg.train.deepspeed:
+        # Everything is written (rank 0's checkpoint before the final barrier) and flushed. With
+        # DeepSpeed's ZeRO-3 teacher, the interpreter's teardown sometimes aborts in a native
+        # destructor ("terminate called without an active exception", SIGABRT; seen on CPU/gloo,
+        # see ../shared/ENVIRONMENT.md) after a run that succeeded; leaving without the teardown
+        # keeps a finished run's exit code 0.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -309,3 +309,130 @@ def _assert_same_end(full: Path, resumed: Path) -> None:
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     for g, w in zip(got[2:], want[2:]):
         assert g["loss/loss"] == pytest.approx(w["loss/loss"], rel=1e-5, abs=1e-6)
+
+
+def _run_2_ranks(config: dict, ds: Path, cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    path = _write_config(config, cwd / f"{name}.yaml")
+    return _torchrun(2, ["-m", "clipdistill.engine.cli", "distill", "--config", str(path), *extra,
+                         f"deepspeed={ds}"], cwd=cwd)
+
+
+def _assert_same_run(got_dir: Path, want_dir: Path, *, steps: int, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same losses at every step and the same final learner state (every saved tensor)."""
+    got = {m["step"]: m for m in _metrics(got_dir)}  # the last line per step (a resumed run repeats some)
+    want = {m["step"]: m for m in _metrics(want_dir)}
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step, w in want.items():
+        assert got[step]["images_seen"] == w["images_seen"], step
+        assert got[step]["loss/loss"] == pytest.approx(w["loss/loss"], rel=1e-5, abs=1e-6), step
+    a, b = _final_state(got_dir), _final_state(want_dir)
+    assert a["step"] == b["step"] == steps
+    assert set(a["learner"]) == set(b["learner"])
+    for key, value in b["learner"].items():
+        torch.testing.assert_close(a["learner"][key], value, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+PROMPTKD = {"recipe": "promptkd", "learner": {"kind": "promptkd",
+                                              "options": {"n_ctx": 2, "depth": 2, "projector": "conv_bn"}}}
+
+
+@pytest.mark.distributed
+def test_promptkd_batch_norm_is_synchronized_across_ranks(two_rank_runs, tmp_path):
+    """2 ranks (4 images each) with the conv_bn projector equal one process on the same 8-image batches:
+    losses, prompts, projector weights and the batch norm's running statistics (which a per-rank
+    batch norm would get wrong: each rank would normalize with its own half's mean and variance)."""
+    data, ds = two_rank_runs["data"], two_rank_runs["ds"]
+    _run_2_ranks({**_config(data, tmp_path / "two"), **PROMPTKD}, ds, tmp_path, "two")
+    _run_in_process({**_config(data, tmp_path / "one"), **PROMPTKD})
+    # PromptKD's loss (kd_weight 1000, lr 0.05) amplifies float32 reduction-order noise: the two
+    # runs differ by ~5e-6 at most on tensors of scale ~1 (an unsynchronized batch norm: ~1e-2).
+    _assert_same_run(tmp_path / "two", tmp_path / "one", steps=4, rtol=1e-4, atol=2e-5)
+    learner = _final_state(tmp_path / "two")["learner"]
+    bn = "projector.layers.1."
+    assert {bn + s for s in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")} <= set(learner)
+    assert int(learner[bn + "num_batches_tracked"]) == 4
+    assert not torch.equal(learner[bn + "running_mean"], torch.zeros_like(learner[bn + "running_mean"]))
+
+
+@pytest.mark.distributed
+def test_offload_param_to_cpu_trains_like_no_offload(two_rank_runs, tmp_path):
+    """`offload_param: cpu` in the DeepSpeed config: the sharded teacher's partitions live in (pinned)
+    host memory; the 2-rank run gives the same losses and prompts as the run without offload."""
+    ds = _ds_file(tmp_path, {"zero_optimization": {**DS_CONFIG["zero_optimization"],
+                                                   "offload_param": {"device": "cpu"}}})
+    proc = _run_2_ranks(_config(two_rank_runs["data"], tmp_path / "offload"), ds, tmp_path, "offload")
+    # The engine itself reports the offload it took from the config (on a CPU accelerator the
+    # "device" is host memory too, so this shows the path runs, not that memory moves).
+    assert proc.stderr.count("teacher sharded with ZeRO-3 (offload_param: cpu)") == 2, proc.stderr[-3000:]
+    _assert_same_run(tmp_path / "offload", two_rank_runs["out"], steps=4)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; torchrun starts each worker in a session of its own)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun's process group and every worker's (a node going down: no handler runs)."""
+    import signal
+
+    groups = {proc.pid}
+    for pid in _descendants(proc.pid):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.distributed
+def test_sigkill_a_two_rank_job_then_resume_with_two_ranks(two_rank_runs, tmp_path):
+    """A real kill: the 2-rank job is SIGKILLed (torchrun and its workers) as soon as its first
+    checkpoint exists; resuming with 2 ranks ends with the uninterrupted 2-rank run's prompts."""
+    import time
+
+    steps = 40  # long enough that the kill lands mid-run (a step takes tens of ms here)
+    data, ds = two_rank_runs["data"], two_rank_runs["ds"]
+    killed = tmp_path / "killed"
+    config = _write_config(_config(data, killed, max_steps=steps, checkpoint_every=2), tmp_path / "killed.yaml")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": EXTENSIONS, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "clipdistill.engine.cli", "distill", "--config", str(config), f"deepspeed={ds}"]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 45
+        while ckpt.latest_checkpoint(killed / "checkpoints") is None:
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 45 s"
+            time.sleep(0.01)
+    finally:
+        _kill_job(proc)
+        log.close()
+    assert proc.returncode == -9
+    saved = [s for s, _ in ckpt.list_checkpoints(killed / "checkpoints")]
+    assert saved and saved[-1] < steps, f"the kill came after the run finished ({saved})"
+
+    proc = _run_2_ranks(_config(data, killed, max_steps=steps, checkpoint_every=2), ds, tmp_path, "resume",
+                        "--resume")
+    assert f"resumed from {killed / 'checkpoints'}" in proc.stderr
+    _run_2_ranks(_config(data, tmp_path / "full", max_steps=steps, checkpoint_every=2), ds, tmp_path, "full")
+    _assert_same_run(killed, tmp_path / "full", steps=steps)
