@@ -34,21 +34,6 @@ from benchmarks.harness import measure, print_table, record, summary_line
 BENCHMARK = "bench_teacher_cache"
 
 
-def _images(folder: Path, count: int, side: int) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    from clipdistill.loaders.synthetic import natural_image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        path = folder / f"{i:06d}.jpg"
-        if not path.exists():
-            Image.fromarray(natural_image(rng, side, side * 3 // 4)).save(path, quality=90)
-    return folder
-
-
 def _config(work: Path, images: Path, args) -> dict:
     names = work / "classes.txt"
     names.write_text("\n".join(f"class {i}" for i in range(args.classes)) + "\n")
@@ -69,11 +54,12 @@ def _config(work: Path, images: Path, args) -> dict:
 
 def make_epoch_fns(args, work: Path) -> tuple[dict[str, Callable[[], object]], float, dict]:
     """{"online": fn, "cached": fn} each running one epoch; the cache's build time; facts."""
+    from clipdistill.engine.bench_e2e import make_images
     from clipdistill.engine.recipes import load_run_config
     from clipdistill.engine.teacher_cache import build_teacher_cache
     from clipdistill.engine.train import Trainer, build_run
 
-    images = _images(work / "images", args.images, 64 if args.quick else 500)
+    images = make_images(work / "images", args.images, 64 if args.quick else 500)
     base = _config(work, images, args)
     cfg = load_run_config(base)
     started = time.perf_counter()

@@ -488,18 +488,10 @@ def matmul_rate(device, *, quick: bool, harness: ModuleType) -> dict:
 
 
 def make_images(folder: Path, count: int, side: int) -> Path:
-    """``count`` generated JPEGs (smooth random fields, 4:3) in ``folder``."""
-    import numpy as np
-    from PIL import Image
+    """``count`` generated natural-looking JPEGs (4:3, ``side`` wide) in ``folder``."""
+    from clipdistill.loaders.synthetic import write_dataset
 
-    from clipdistill.loaders.synthetic import natural_image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        path = folder / f"{i:06d}.jpg"
-        if not path.exists():
-            Image.fromarray(natural_image(rng, side, side * 3 // 4)).save(path, quality=90)
+    write_dataset(folder, count, size=(side, side * 3 // 4))
     return folder
 
 
