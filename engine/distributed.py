@@ -21,15 +21,31 @@ What runs where, with P processes (ranks) and a global batch of G samples (``dat
   state dict that rank 0 alone holds in host memory, and it is wrapped in a ZeRO-3 engine with
   no optimizer (DeepSpeed refuses an optimizer over an empty parameter list), kept in eval mode
   (train mode under no_grad takes a wrong path in DeepSpeed). ``offload_param`` (cpu, nvme)
-  comes from the DeepSpeed config. The whole open_clip ``CLIP`` cannot be built under
+  and the partitions' dtype (``bf16``/``fp16``; else from ``teacher.precision``,
+  :func:`with_teacher_precision`) come from the DeepSpeed config. The whole open_clip ``CLIP`` cannot be built under
   zero.Init (its 0-dim ``logit_scale`` fails partitioning), another reason to shard the tower.
-- **Class vectors**: computed once, on rank 0, with the teacher's text tower (moved to rank 0's
-  device for that; the image tower stays in host memory) and broadcast to every rank; rank 0
-  alone writes the class-vector cache.
-- **Student** (ZeRO stage 0: its trainable tensors are tiny): replicated; after backward,
-  :func:`average_gradients` all-reduces the gradients weighted by each rank's real rows, so a
-  step equals the single-process step on the same global batch (padding included). PromptKD's
-  projector batch norm is synchronized (:func:`sync_batch_norm`).
+- **Tuned teacher** (``teacher.prompts`` with ``train.deepspeed``,
+  :func:`build_sharded_tuned_teacher`): a PromptSRC teacher from ``clipdistill tune-teacher``
+  is sharded the same way, as one module holding the image tower and the frozen tuned vision
+  prompts (:class:`PromptedImageTower`, every parameter partitioned) whose forward is the
+  prompt learners' own prompted image path. That path never calls the tower's ``forward``, so
+  the tower's direct parameters (class embedding, positional embedding, projection) are
+  registered as external parameters of the wrapper, gathered and released with its forward.
+- **Class vectors**: computed once, on rank 0, with the teacher's text tower (and, for a tuned
+  teacher, its learned text prompts; moved to rank 0's device for that, after the image
+  tower's weights were taken out of the model, which stays in host memory) and broadcast to
+  every rank; rank 0 alone writes the class-vector cache (a tuned teacher uses none).
+- **Student** (ZeRO stage 0: its trainable tensors are tiny): replicated. Each rank's loss is
+  scaled by its share of the global batch's real rows (:func:`row_share`) and the gradients are
+  summed over ranks (:func:`sum_gradients`), so a step equals the single-process step on the
+  same global batch, also when ranks hold unequal numbers of real rows (an epoch's last step,
+  rejected images) and with gradient accumulation. PromptKD's projector batch norm takes its
+  statistics over the real rows of every rank (:func:`sync_batch_norm`).
+- **Held-out selection** (``data.holdout_fraction``): each rank scores its slice of every
+  held-out batch and the tallies are summed, so all ranks take the same decision; rank 0
+  writes ``best.safetensors``.
+- **Teacher cache** (``teacher.cache``): no teacher is loaded, so there is nothing to shard;
+  the ranks train data-parallel on the cached features.
 - **Checkpoints**: clipdistill's own safetensors files, written by rank 0 only (the learner and
   optimizer are identical on every rank; the loader state is world-size independent), so a
   run resumes with the same or another number of ranks.
@@ -145,6 +161,41 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int) -> dict:
     return config
 
 
+_DS_PRECISIONS = {"fp32": None, "bf16": "bf16", "pure_bf16": "bf16", "fp16": "fp16", "pure_fp16": "fp16"}
+
+
+def with_teacher_precision(config: dict, precision: Optional[str], device: torch.device) -> dict:
+    """The DeepSpeed config with the sharded teacher's weight dtype set from ``teacher.precision``.
+
+    The plain engine builds the teacher in ``teacher.precision`` (default bf16 on a GPU, fp32
+    on the CPU); under ZeRO-3 the partitions' dtype is DeepSpeed's ``bf16``/``fp16`` section.
+    A config without either gets the one ``teacher.precision`` asks for (none for fp32); a
+    config with one wins over the default, and one that contradicts an explicit
+    ``teacher.precision`` is refused. DeepSpeed's bf16 holds every weight in bf16, LayerNorm's
+    too (open_clip's bf16 keeps LayerNorm in fp32).
+
+    Raises:
+        ConfigError: an unknown precision, or a config that contradicts it.
+    """
+    requested = precision if precision is not None else ("fp32" if device.type == "cpu" else "bf16")
+    if requested not in _DS_PRECISIONS:
+        raise ConfigError(f"teacher.precision={requested!r} under train.deepspeed: use one of "
+                          f"{', '.join(_DS_PRECISIONS)}")
+    want = _DS_PRECISIONS[requested]
+    named = [key for key in ("bf16", "fp16") if isinstance(config.get(key), dict) and config[key].get("enabled")]
+    if len(named) > 1:
+        raise ConfigError("train.deepspeed: the config enables both bf16 and fp16; enable one")
+    if named:
+        if precision is not None and named[0] != want:
+            raise ConfigError(f"teacher.precision={precision!r} but the DeepSpeed config enables {named[0]}: "
+                              f"make them agree (or leave teacher.precision unset to use the config's)")
+        return config
+    config = dict(config)
+    if want is not None:
+        config[want] = {"enabled": True}
+    return config
+
+
 def check_world(world_size: int, *, global_batch_size: int, num_samples: Optional[int]) -> None:
     """Raise a ConfigError when the ranks cannot share the run's batches (``num_samples`` None: not known yet)."""
     if num_samples is not None and world_size > num_samples:
@@ -200,26 +251,39 @@ def broadcast_from_rank0(make: Callable[[], torch.Tensor], device: torch.device)
     return out
 
 
-def average_gradients(params: list[torch.Tensor], real_rows: int) -> None:
-    """All-reduce the gradients of replicated parameters, weighted by each rank's real rows.
+def row_share(real_rows: int, device: torch.device) -> torch.Tensor:
+    """This rank's share of the global batch's real rows, n_r / Σ_s n_s, as a 0-dim float32 tensor.
 
-    Each rank's loss is a mean over its own real rows, so the global-batch gradient is
-    Σ_r n_r·g_r / Σ_r n_r; with equal shares this is the plain average. One flat buffer,
-    one all-reduce (the prompts are small). A rank with no real rows contributes nothing.
+    Each rank's loss is a mean over its own real rows; scaled by its share, the ranks' losses
+    sum to the global batch's mean loss, whatever padding or rejects each rank holds. One
+    all-reduce of one number, enqueued on the device without a host sync (the count goes up
+    with a non-blocking copy). 1 in a single process.
+    """
+    if not is_initialized():
+        return torch.ones((), dtype=torch.float32, device=device)
+    count = torch.tensor([float(real_rows)], dtype=torch.float32).to(device, non_blocking=True)
+    total = count.clone()
+    torch.distributed.all_reduce(total)
+    return (count / total.clamp_min(1.0)).squeeze(0)
+
+
+def sum_gradients(params: list[torch.Tensor]) -> None:
+    """All-reduce (sum) the gradients of replicated parameters, in one flat buffer.
+
+    With each rank's loss scaled by :func:`row_share`, the sum is the gradient of the global
+    batch's loss: the single-process gradient on the same global batches, also with unequal
+    real rows per rank (padding, rejects), gradient accumulation, and the batch norm's
+    cross-rank terms (:mod:`clipdistill.engine.batchnorm`). The prompts are small: one call.
     """
     if not is_initialized():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    device = grads[0].device
-    flat = torch.cat([g.reshape(-1).float() for g in grads]
-                     + [torch.tensor([float(real_rows)], device=device)])
-    flat[:-1] *= float(real_rows)
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
     torch.distributed.all_reduce(flat)
-    total = flat[-1].clamp_min(1.0)
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = (flat[offset:offset + n] / total).view_as(g).to(g.dtype)
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
 
 
@@ -235,65 +299,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 # --------------------------------------------------------------------------------- batch norm
 
 
-class _GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose training statistics are taken over every rank's batch (any backend).
-
-    torch's SyncBatchNorm refuses CPU tensors; this one all-reduces the per-channel sum,
-    sum of squares and count through ``torch.distributed.nn`` (differentiable), so the
-    gradient flows through the global statistics as in SyncBatchNorm. Eval mode and a
-    single process behave as the wrapped BatchNorm.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_initialized()):
-            return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0] + list(range(2, input.dim()))
-        x = input.float()
-        c = x.shape[1]
-        # Two passes, as torch's batch norm: the global mean first, then the global sum of squared
-        # deviations from it (E[x²] - mean² loses float32 precision when |mean| >> std).
-        count = torch.tensor([float(x.numel() // c)], device=x.device)
-        stats = all_reduce(torch.cat([x.sum(dims), count]))
-        n = stats[-1]
-        mean = stats[:c] / n
-        shape = [1, c] + [1] * (input.dim() - 2)
-        centered = x - mean.view(shape)
-        var = all_reduce((centered * centered).sum(dims)) / n
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1.0))
-        y = centered * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(input.dtype)
-
-
 def sync_batch_norm(module: nn.Module) -> nn.Module:
-    """Synchronize every BatchNorm in ``module`` across ranks (torch's SyncBatchNorm on CUDA).
+    """Take every batch norm in ``module`` over the global batch's real rows (no-op in one process).
 
-    Parameters and buffers are kept (the same tensors), so optimizer and checkpoint names
-    do not change.
+    :func:`clipdistill.engine.batchnorm.synchronize`: the same implementation on every backend
+    (torch's SyncBatchNorm refuses CPU tensors and cannot skip padding rows). Parameters and
+    buffers are kept, so optimizer and checkpoint names do not change.
     """
     if not is_initialized():
         return module
-    on_cuda = any(p.is_cuda for p in module.parameters())
-    if on_cuda:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, _GlobalBatchNorm):
-            child.__class__ = type(f"Global{type(child).__name__}", (_GlobalBatchNorm,), {})
-        else:
-            sync_batch_norm(child)
-    return module
+    from .batchnorm import synchronize
+
+    return synchronize(module)
 
 
 # --------------------------------------------------------------------------------- the sharded teacher
@@ -354,15 +371,17 @@ class _VisualOnly:
         self.visual = visual
 
 
-def _text_side_to(model: nn.Module, device: torch.device) -> None:
-    """Move everything of a CLIP but its image tower to ``device`` (for the class vectors)."""
-    for name, child in model.named_children():
-        if name != "visual":
-            child.to(device)
-    for name, param in model.named_parameters(recurse=False):
-        param.data = param.data.to(device)
-    for name, buf in model.named_buffers(recurse=False):
-        setattr(model, name, buf.to(device))
+def _take_image_tower(visual: nn.Module) -> dict[str, torch.Tensor]:
+    """The tower's state dict (host tensors), its parameters left empty in the model.
+
+    What remains of the model is its text side: moving the whole model to a device for the
+    class vectors (``.to(device)``, also the one a learner built over it does) then moves no
+    image-tower weight, so the tower is never placed on a device unsharded.
+    """
+    state = dict(visual.state_dict())  # detached tensors sharing the parameters' storage
+    for param in visual.parameters():
+        param.data = param.data.new_empty(0)
+    return state
 
 
 def build_vision_tower(model_name: str) -> nn.Module:
@@ -377,6 +396,80 @@ def build_vision_tower(model_name: str) -> nn.Module:
     if isinstance(vision_cfg, dict):
         vision_cfg = CLIPVisionCfg(**vision_cfg)
     return _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+
+
+class PromptedImageTower(nn.Module):
+    """An image tower with frozen deep vision prompts, as one module for a ZeRO-3 engine.
+
+    ``forward(images (B, 3, H, W)) -> (B, D)`` unnormalized features: the prompt learners' own
+    image path (:func:`clipdistill.engine.prompts.encode_deep_prompted`) with
+    ``vision_prompts`` (depth, n, W_vision), or the plain tower's features without prompts.
+    """
+
+    def __init__(self, visual: nn.Module, prompt_shape: Optional[tuple[int, ...]]):
+        super().__init__()
+        self.visual = visual
+        self.vision_prompts = (nn.Parameter(torch.zeros(prompt_shape), requires_grad=False)
+                               if prompt_shape is not None else None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from .prompts import encode_deep_prompted
+
+        return encode_deep_prompted(self.visual, images, self.vision_prompts)
+
+
+def _require_process_group() -> int:
+    if not is_initialized():
+        raise ConfigError("the sharded teacher needs an initialized process group (start the run with a launcher)")
+    return torch.distributed.get_rank()
+
+
+def _from_rank0(make_vectors: Optional[Callable[[], torch.Tensor]], meta: list,
+                device: torch.device) -> tuple[torch.Tensor, list]:
+    """Rank 0's class vectors (``make_vectors()``, run there only) and its ``meta`` list, on every rank."""
+    vectors = broadcast_from_rank0(make_vectors, device)  # type: ignore[arg-type]
+    meta = list(meta)
+    torch.distributed.broadcast_object_list(meta, src=0)
+    return vectors, meta
+
+
+def _shard(make_module: Callable[[], nn.Module], state: dict[str, torch.Tensor], ds_config: dict,
+           *, what: str) -> tuple[object, nn.Module]:
+    """Build ``make_module()`` partitioned, fill it from rank 0's ``state``, wrap it in a frozen engine.
+
+    Every parameter is partitioned as it is created (zero.Init) and filled one at a time under
+    ``GatheredParameters(..., modifier_rank=0)``: no rank ever holds the whole module. Buffers
+    are not partitioned; every rank gets rank 0's. ``state`` (keys as in ``state_dict``) is
+    consumed on rank 0 and empty elsewhere. Returns (engine, module).
+    """
+    import deepspeed
+
+    from .models import import_open_clip
+
+    rank = torch.distributed.get_rank()
+    # zero.Init patches torch.Tensor.__new__; torch._dynamo, imported lazily by torch on first use,
+    # fails its own signature check when first imported inside that context: import it before.
+    importlib.import_module("torch._dynamo")
+    import_open_clip()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        module = make_module()
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                if name not in state:
+                    raise RuntimeError(f"{what} {name!r} is not in the checkpoint")
+                param.data.copy_(state.pop(name).to(param.dtype))
+    for name, buf in module.named_buffers():  # buffers are not partitioned: every rank gets rank 0's
+        value = buf.data
+        if rank == 0 and name in state:
+            value.copy_(state.pop(name).to(value.dtype))
+        torch.distributed.broadcast(value, src=0)
+    state.clear()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+    engine.eval()
+    return engine, module
 
 
 def build_sharded_teacher(
@@ -399,62 +492,93 @@ def build_sharded_teacher(
             whose text side is on ``device``; returns (C, D) normalized class vectors.
         seed: the seed the teacher is built with.
     """
-    import deepspeed
+    from .models import Teacher, load_clip
 
-    from .models import Teacher, import_open_clip, load_clip
-
-    if not is_initialized():
-        raise ConfigError("the sharded teacher needs an initialized process group (start the run with a launcher)")
-    rank = torch.distributed.get_rank()
-    full = None
+    rank = _require_process_group()
     state: dict[str, torch.Tensor] = {}
+    full, scale, make = None, 0.0, None
     if rank == 0:
         # Host memory only: the image tower is never placed on a device unsharded.
         torch.manual_seed(seed)
         full = load_clip(model_name, weights, device="cpu", precision="fp32")
-        state = {k[len("visual."):]: v for k, v in full.state_dict().items() if k.startswith("visual.")}
+        state = _take_image_tower(full.visual)
         scale = float(full.logit_scale.detach().float().exp())
-        _text_side_to(full, device)
+        full.to(device)  # the text side: the tower's weights were taken out
 
         def make() -> torch.Tensor:
             return class_vectors(Teacher(full)).float()
-    else:
-        scale = 0.0
-        make = None  # type: ignore[assignment]
-    vectors = broadcast_from_rank0(make, device)
-    meta = [scale]
-    torch.distributed.broadcast_object_list(meta, src=0)
-    scale = float(meta[0])
-    del full
+    vectors, (scale,) = _from_rank0(make, [scale], device)
+    del full, make  # rank 0's text side
 
-    # zero.Init patches torch.Tensor.__new__; torch._dynamo, imported lazily by torch on first use,
-    # fails its own signature check when first imported inside that context: import it before.
-    importlib.import_module("torch._dynamo")
-
-    import_open_clip()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        visual = build_vision_tower(model_name)
-    for name, param in visual.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0:
-                if name not in state:
-                    raise RuntimeError(f"teacher {model_name!r}: the image tower's {name!r} is not in the checkpoint")
-                param.data.copy_(state.pop(name).to(param.dtype))
-    for name, buf in visual.named_buffers():  # buffers are not partitioned: every rank gets rank 0's
-        value = buf.data
-        if rank == 0 and name in state:
-            value.copy_(state.pop(name).to(value.dtype))
-        torch.distributed.broadcast(value, src=0)
-    state.clear()
-    for param in visual.parameters():
-        param.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=visual, config=ds_config)
-    engine.eval()
+    engine, visual = _shard(lambda: build_vision_tower(model_name), state, ds_config,
+                            what=f"teacher {model_name!r}: the image tower's")
     return ShardedTeacher(engine, visual, scale, vectors.shape[1]), vectors
 
 
+def build_sharded_tuned_teacher(
+    path: str | Path,
+    ds_config: dict,
+    *,
+    device: torch.device,
+    class_vectors: Callable[[nn.Module], torch.Tensor],
+) -> tuple[ShardedTeacher, torch.Tensor]:
+    """A PromptSRC-tuned teacher (``clipdistill tune-teacher``) under ZeRO-3, and its class vectors (C, D).
+
+    Rank 0 loads the tuned teacher into host memory and calls ``class_vectors`` (on rank 0
+    only) with that :class:`~clipdistill.engine.tune_teacher.TunedTeacher`, its text side and
+    prompts moved to ``device`` (e.g. ``tuned_teacher_class_vectors(t, names)``: (C, D)
+    normalized); the result is broadcast. Every rank builds a :class:`PromptedImageTower` (the
+    image tower and the tuned vision prompts, frozen), every parameter partitioned and filled
+    from rank 0 as in :func:`build_sharded_teacher`. Its features equal
+    ``load_tuned_teacher(path, precision="fp32").encode_image``: like the plain sharded
+    teacher it runs in fp32.
+    """
+    import deepspeed
+
+    from .tune_teacher import LEARNER_KIND, load_tuned_teacher, read_tuned_header
+
+    rank = _require_process_group()
+    header = read_tuned_header(path)  # on every rank: a refusal happens everywhere, before any collective
+    model_name, kind = header["teacher"]["name"], header["learner"]["kind"]
+    if kind != LEARNER_KIND:  # PromptSRC's image path is encode_deep_prompted over vision_prompts
+        raise ConfigError(f"teacher.prompts {str(path)!r} holds a {kind!r} learner; the sharded teacher "
+                          f"runs {LEARNER_KIND!r} prompts")
+    state: dict[str, torch.Tensor] = {}
+    tuned, scale, prompt_shape, make = None, 0.0, None, None
+    if rank == 0:
+        tuned = load_tuned_teacher(path, device="cpu", precision="fp32")
+        state = {f"visual.{k}": v for k, v in _take_image_tower(tuned.model.visual).items()}
+        prompts = tuned.learner.vision_prompts
+        if prompts is not None:
+            state["vision_prompts"] = prompts.detach().clone()
+            prompt_shape = tuple(prompts.shape)
+        scale = float(tuned.logit_scale)
+        tuned.to(device)  # the text side and the prompts: the tower's weights were taken out
+
+        def make() -> torch.Tensor:
+            return class_vectors(tuned).float()
+    vectors, (scale, prompt_shape) = _from_rank0(make, [scale, prompt_shape], device)
+    del tuned, make  # rank 0's text side
+
+    def prompted_tower() -> PromptedImageTower:
+        module = PromptedImageTower(build_vision_tower(model_name), prompt_shape)
+        # ZeRO-3 gathers a module's own parameters when that module's forward runs. The prompted
+        # path runs the tower's submodules but never ``visual.forward``, so the tower's direct
+        # parameters (class_embedding, positional_embedding, proj) are gathered and released
+        # with the wrapper's forward instead. (DeepSpeed 0.19's parameter getter would also find
+        # them during an engine forward and gather them one by one; registering them is the
+        # documented way, and does not depend on that heuristic.)
+        for param in module.visual.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(module, param)
+        return module
+
+    engine, module = _shard(prompted_tower, state, ds_config, what=f"tuned teacher {str(path)!r}:")
+    return ShardedTeacher(engine, module.visual, scale, vectors.shape[1]), vectors
+
+
 __all__ = [
-    "LaunchEnv", "detect_launch", "load_deepspeed_config", "check_world", "init_process_group", "rank_and_world",
-    "rank_device", "broadcast_from_rank0", "average_gradients", "all_reduce_sum", "sync_batch_norm",
-    "ShardedTeacher", "build_vision_tower", "build_sharded_teacher",
+    "LaunchEnv", "detect_launch", "load_deepspeed_config", "with_teacher_precision", "check_world",
+    "init_process_group", "rank_and_world", "rank_device", "broadcast_from_rank0", "row_share", "sum_gradients", "all_reduce_sum", "sync_batch_norm",
+    "ShardedTeacher", "PromptedImageTower", "build_vision_tower", "build_sharded_teacher",
+    "build_sharded_tuned_teacher",
 ]

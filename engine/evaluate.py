@@ -137,17 +137,32 @@ class AgreementTally:
     def __init__(self):
         self._sums: Optional[torch.Tensor] = None  # agreeing rows, sum of per-row KL, rows
 
-    def update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+    def update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add a batch; ``mask`` (B,) bool: only its True rows count (padding is skipped)."""
         if teacher_logits.shape != student_logits.shape or teacher_logits.dim() != 2:
             raise ValueError(f"teacher and student logits must both be (B, C); got {tuple(teacher_logits.shape)} "
                              f"and {tuple(student_logits.shape)}")
         log_t = F.log_softmax(teacher_logits.float(), dim=-1)
         log_s = F.log_softmax(student_logits.float(), dim=-1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
-        agree = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum()
-        sums = torch.stack([agree.double(), kl.double().sum(),
-                            torch.tensor(float(kl.numel()), dtype=torch.float64, device=kl.device)])
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1).double()
+        agree = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).double()
+        if mask is None:
+            rows = torch.full((), float(kl.numel()), dtype=torch.float64, device=kl.device)
+        else:
+            if tuple(mask.shape) != (kl.numel(),):
+                raise ValueError(f"mask must be ({kl.numel()},), got {tuple(mask.shape)}")
+            w = mask.to(device=kl.device, dtype=torch.float64)
+            agree, kl, rows = agree * w, torch.where(w > 0, kl, torch.zeros_like(kl)), w.sum()
+        sums = torch.stack([agree.sum(), kl.sum(), rows])
         self._sums = sums if self._sums is None else self._sums + sums
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum the tallies of every rank of the initialized process group (a collective)."""
+        sums = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64, device=device)
+        sums = sums.to(device)
+        torch.distributed.all_reduce(sums)
+        self._sums = sums
 
     def result(self) -> dict[str, float]:
         """``agreement`` (percent), ``kl`` (nats per image), ``images``."""
@@ -430,6 +445,7 @@ def heldout_agreement_kl(
     student_input: Optional[str] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     max_batches: Optional[int] = None,
+    all_reduce: bool = False,
 ) -> dict[str, float]:
     """Teacher-student top-1 agreement (percent) and KL(p_t‖p_s) (nats) on held-out unlabeled images.
 
@@ -446,6 +462,10 @@ def heldout_agreement_kl(
             (else the student's) and ``"student"`` when present (else the only one).
         autocast_dtype: e.g. torch.bfloat16 to run as the training step does.
         max_batches: stop after this many batches.
+        all_reduce: ``batches`` are this rank's share of a distributed run's: every rank calls
+            this on its own share and gets the totals over all ranks. Loader batches then go
+            through the models whole, padding included (a ZeRO-3 teacher is a collective, so no
+            rank may skip a batch), and the padding rows are left out of the tally.
 
     Returns:
         ``{"agreement": percent, "kl": nats per image, "images": count}``.
@@ -462,15 +482,19 @@ def heldout_agreement_kl(
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
+            mask = None  # every row counts
             if hasattr(batch, "images"):
                 images = batch.images
                 s_key = student_input or ("student" if "student" in images else next(iter(images)))
                 t_key = teacher_input or ("teacher" if "teacher" in images else s_key)
-                rows = batch.mask.nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                t_images = images[t_key][rows.to(images[t_key].device)]
-                s_images = images[s_key][rows.to(images[s_key].device)]
+                if all_reduce:
+                    t_images, s_images, mask = images[t_key], images[s_key], batch.mask
+                else:
+                    rows = batch.mask.nonzero().squeeze(1)
+                    if rows.numel() == 0:
+                        continue
+                    t_images = images[t_key][rows.to(images[t_key].device)]
+                    s_images = images[s_key][rows.to(images[s_key].device)]
             elif isinstance(batch, (tuple, list)):
                 t_images, s_images = batch
             else:
@@ -480,7 +504,9 @@ def heldout_agreement_kl(
                 teacher_features = F.normalize(step.teacher.encode_image(t_images).float(), dim=-1)
                 teacher_logits = teacher_scale * teacher_features @ vectors.float().t()
                 output = step.student(s_images, vectors) if promptkd else step.student(s_images)
-            tally.update(teacher_logits.float(), output.logits.float())
+            tally.update(teacher_logits.float(), output.logits.float(), mask)
+        if all_reduce:
+            tally.all_reduce(vectors.device)
     finally:
         step.train(was_training)
     return tally.result()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdistill.engine.batchnorm import RowBatchNorm2d
 from clipdistill.engine.models import freeze, import_open_clip
 from clipdistill.engine.towers import TextTower, check_vision_tower, encode_image as _encode_image
 
@@ -319,6 +320,19 @@ def _vpt_uniform(shape: tuple[int, ...], patch_size: tuple[int, int], width: int
     return torch.empty(shape).uniform_(-bound, bound)
 
 
+def encode_deep_prompted(visual: nn.Module, images: torch.Tensor,
+                         vision_prompts: Optional[torch.Tensor]) -> torch.Tensor:
+    """The deep-vision-prompt learners' image path (VPT-deep, IVLP/PromptSRC, PromptKD's student).
+
+    visual: open_clip ``VisionTransformer``; images (B, 3, H, W); vision_prompts
+    (depth, n, W_vision), layer i's prompts at row i, or None (no prompts). Returns (B, D)
+    unnormalized features. Also what the ZeRO-3 tuned teacher runs
+    (:func:`clipdistill.engine.distributed.build_sharded_tuned_teacher`).
+    """
+    layers = list(vision_prompts.unbind(0)) if vision_prompts is not None else []
+    return _encode_image(visual, images, layers)
+
+
 class _FixedClassVectors:
     """Class features of fixed prompts through the frozen text tower, computed once per device."""
 
@@ -368,8 +382,7 @@ class VPTDeep(PromptLearner):
         self._follow_backbone_device()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        layers = list(self.vision_prompts.unbind(0)) if self.vision_prompts is not None else []
-        return _encode_image(self.clip.visual, images, layers)
+        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts)
 
     def class_features(
         self, class_indices: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None
@@ -464,8 +477,7 @@ class IVLP(_TextPromptedLearner):
         return [None] + list(self.text_prompts.unbind(0)) if self.text_prompts is not None else ()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        layers = list(self.vision_prompts.unbind(0)) if self.vision_prompts is not None else []
-        return _encode_image(self.clip.visual, images, layers)
+        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts)
 
 
 PROMPTSRC_LOSS_WEIGHTS = {"scl_text": 25.0, "scl_image": 10.0, "scl_logits": 1.0}
@@ -558,20 +570,26 @@ class GaussianPromptAggregator:
 
 
 class ConvBNProjector(nn.Module):
-    """PromptKD's projector as published: 1x1 conv, batch norm, ReLU, 1x1 conv on (B, D) features."""
+    """PromptKD's projector as published: 1x1 conv, batch norm, ReLU, 1x1 conv on (B, D) features.
+
+    ``row_mask`` (B,) bool marks the real rows: padding rows do not enter the batch norm's
+    statistics (:mod:`clipdistill.engine.batchnorm`).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: Optional[int] = None):
         super().__init__()
         hidden_dim = hidden_dim or out_dim
         self.layers = nn.Sequential(
             nn.Conv2d(in_dim, hidden_dim, kernel_size=1),
-            nn.BatchNorm2d(hidden_dim),
+            RowBatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden_dim, out_dim, kernel_size=1),
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features[:, :, None, None]).flatten(1)
+    def forward(self, features: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        conv_in, norm, act, conv_out = self.layers
+        x = norm(conv_in(features[:, :, None, None]), row_mask)
+        return conv_out(act(x)).flatten(1)
 
 
 class LayerNormMLPProjector(nn.Module):
@@ -584,8 +602,8 @@ class LayerNormMLPProjector(nn.Module):
             nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim)
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
+    def forward(self, features: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.layers(features)  # per-row normalization: padding rows affect nothing else
 
 
 PROJECTORS = {"conv_bn": ConvBNProjector, "ln_mlp": LayerNormMLPProjector}
@@ -624,12 +642,15 @@ class PromptKDStudent(PromptLearner):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D_student) prompted features, before the projector."""
-        layers = list(self.vision_prompts.unbind(0)) if self.vision_prompts is not None else []
-        return _encode_image(self.clip.visual, images, layers)
+        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts)
 
-    def project(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D_teacher) normalized features in the teacher's space."""
-        features = self.projector(self.encode_image(images).float())
+    def project(self, images: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D_teacher) normalized features in the teacher's space.
+
+        ``row_mask`` (B,) bool: the real rows, the only ones the projector's batch statistics
+        are taken from in training (None: every row).
+        """
+        features = self.projector(self.encode_image(images).float(), row_mask)
         return F.normalize(features, dim=-1)
 
     def forward(self, images: torch.Tensor, class_vectors: torch.Tensor) -> LearnerOutput:  # type: ignore[override]

@@ -213,6 +213,7 @@ class DistillStep(nn.Module):
         row_weights: Optional[torch.Tensor] = None,
         *,
         teacher_features: Optional[torch.Tensor] = None,
+        row_mask: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """Named loss parts for one batch.
 
@@ -223,6 +224,10 @@ class DistillStep(nn.Module):
                 ``teacher_images`` (same model family, same preprocessing).
             row_weights: (B,) non-negative; 0 masks padded rows.
             teacher_features: (B, D_t) precomputed teacher image features (teacher cache).
+            row_mask: (B,) bool, the real rows: the only ones that vote in the class-agnostic
+                top-K and enter batch statistics (PromptKD's batch-norm projector). Default:
+                ``row_weights > 0``, or every row. Pass it alone (``row_weights`` None) for a
+                batch of padding only, whose loss the caller then discards.
 
         Returns:
             dict of scalar fp32 tensors: ``"kd"`` (the weighted distillation term), any
@@ -235,15 +240,18 @@ class DistillStep(nn.Module):
                 teacher_features = self.teacher.encode_image(teacher_images)
         teacher_features = teacher_features.detach()
         opts = self.loss_options
+        if row_mask is None and row_weights is not None:
+            row_mask = row_weights > 0
         class_indices = None
         teacher_vectors = self.teacher_class_vectors
         if self.top_k is not None:
-            class_indices = self.select_classes(teacher_features, row_weights)
+            votes = row_weights if row_weights is not None else row_mask
+            class_indices = self.select_classes(teacher_features, votes)
             teacher_vectors = teacher_vectors.index_select(0, class_indices)
             self.last_selection = class_indices
         parts: dict[str, torch.Tensor] = {}
         if self.recipe == "promptkd":
-            student_features = self.student.project(student_images)
+            student_features = self.student.project(student_images, row_mask)
             parts["kd"] = self.kd_weight * kd_loss(
                 student_features, teacher_features.to(student_features.dtype),
                 self.teacher_class_vectors.to(student_features.dtype),

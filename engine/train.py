@@ -196,10 +196,8 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     # Several processes only under a launcher (engine/distributed.py); without one nothing changes.
     ds_config = None
     if cfg.train.deepspeed:
-        if cfg.teacher.cache or cfg.teacher.prompts:
-            raise ConfigError("train.deepspeed shards the live teacher; it does not combine with teacher.cache or "
-                              "teacher.prompts yet")
         ds_config = distributed.load_deepspeed_config(cfg.train.deepspeed, micro_batch_size=cfg.data.batch_size)
+        ds_config = distributed.with_teacher_precision(ds_config, cfg.teacher.precision, device)
     launch = distributed.detect_launch(required=ds_config is not None,
                                        reason="train.deepspeed is set, and DeepSpeed runs one process per device.")
     owns_group = False
@@ -209,9 +207,6 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     rank, world = distributed.rank_and_world()
     if world > 1:
         distributed.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=None)
-        if cfg.data.holdout_fraction > 0:
-            raise ConfigError("data.holdout_fraction: held-out selection runs in one process only for now; "
-                              "set it to 0 for a distributed run")
 
     torch.manual_seed(cfg.train.seed)
     feature_cache = None
@@ -219,16 +214,26 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     source = cfg.data.train
     if cfg.teacher.cache:
         teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, lists)
+        if ds_config is not None:
+            log("clipdistill: teacher.cache holds the teacher's features, so no teacher is loaded and "
+                "train.deepspeed has nothing to shard; the ranks train data-parallel")
+            ds_config = None
     elif cfg.teacher.prompts:
         # PromptKD: the class vectors come from the tuned prompts, computed once after loading them
         # (never from the class-vector cache, whose key does not cover the prompts).
-        from .tune_teacher import load_tuned_teacher, tuned_teacher_class_vectors
+        from .tune_teacher import load_tuned_teacher, read_tuned_header, tuned_teacher_class_vectors
 
-        teacher = load_tuned_teacher(cfg.teacher.prompts, device=device, precision=cfg.teacher.precision)
-        if teacher.model_name != cfg.teacher.name:
-            raise ConfigError(f"teacher.prompts {cfg.teacher.prompts!r} were tuned on {teacher.model_name!r}, "
+        tuned_on = read_tuned_header(cfg.teacher.prompts)["teacher"]["name"]
+        if tuned_on != cfg.teacher.name:
+            raise ConfigError(f"teacher.prompts {cfg.teacher.prompts!r} were tuned on {tuned_on!r}, "
                               f"but teacher.name is {cfg.teacher.name!r}")
-        vectors = tuned_teacher_class_vectors(teacher, class_names)
+        if ds_config is not None:
+            teacher, vectors = distributed.build_sharded_tuned_teacher(
+                cfg.teacher.prompts, ds_config, device=device,
+                class_vectors=lambda tuned: tuned_teacher_class_vectors(tuned, class_names))
+        else:
+            teacher = load_tuned_teacher(cfg.teacher.prompts, device=device, precision=cfg.teacher.precision)
+            vectors = tuned_teacher_class_vectors(teacher, class_names)
     else:
         cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
 
@@ -302,7 +307,7 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
             heldout, global_batch_size=cfg.data.batch_size, outputs=outputs, transform=CenterCrop(),
             seed=cfg.train.seed, backend=cfg.data.backend, device=device,
             dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
-            interpolation=cfg.data.interpolation, precheck=cfg.data.precheck,
+            interpolation=cfg.data.interpolation, precheck=cfg.data.precheck, rank=rank, world_size=world,
         )
         log(f"clipdistill: {len(heldout)} unlabeled images held out for model selection "
             f"(train.select_metric={cfg.train.select_metric})")
@@ -416,17 +421,21 @@ class Trainer:
         from .evaluate import heldout_agreement_kl, is_better
 
         run.heldout_loader.set_epoch(0)
+        # Several ranks: each scores its slice of every held-out batch; the tallies are summed, so
+        # every rank sees the same result, takes the same decision, and rank 0 writes the file.
         result = heldout_agreement_kl(run.step, run.heldout_loader, teacher_input=run.teacher_input,
-                                      student_input=run.student_input, autocast_dtype=run.autocast_dtype)
+                                      student_input=run.student_input, autocast_dtype=run.autocast_dtype,
+                                      all_reduce=self.world > 1)
         metric = self.cfg.train.select_metric
         out = {"heldout/agreement": result["agreement"], "heldout/kl": result["kl"]}
         if is_better(metric, result[metric], None if self.best is None else self.best[metric]):
             self.best = {"step": self.global_step, "agreement": result["agreement"], "kl": result["kl"]}
-            save_state(self.out_dir / "best.safetensors", {"step": self.global_step, "best": self.best,
-                                                           "learner": run.step.state_to_save(),
-                                                           "config": dump_run_config(self.cfg)})
-            self.log(f"clipdistill: step {self.global_step}: best held-out {metric} so far "
-                     f"({result[metric]:.4g}); saved {self.out_dir / 'best.safetensors'}")
+            if self.is_main:
+                save_state(self.out_dir / "best.safetensors", {"step": self.global_step, "best": self.best,
+                                                               "learner": run.step.state_to_save(),
+                                                               "config": dump_run_config(self.cfg)})
+                self.log(f"clipdistill: step {self.global_step}: best held-out {metric} so far "
+                         f"({result[metric]:.4g}); saved {self.out_dir / 'best.safetensors'}")
         return out
 
     def resume(self) -> bool:
@@ -472,7 +481,7 @@ class Trainer:
         metrics_path = self.out_dir / "metrics.jsonl"
         tb = self._tensorboard() if self.is_main else None
         progress = self._progress() if self.is_main else None
-        images_logged, window_rows = self.images_seen, 0  # several ranks: global counts at each log
+        images_logged = self.images_seen  # several ranks: global counts at each log
         device, accum = run.device, cfg.optim.grad_accum
         run.step.train()
         acc: dict[str, torch.Tensor] = {}
@@ -492,18 +501,30 @@ class Trainer:
                 teacher_features = None
                 if run.feature_cache is not None:
                     teacher_features, mask = self._cached_features(batch)
-                row_weights = mask.to(device=device, dtype=torch.float32, non_blocking=True)
                 real_rows = int(mask.sum())  # the mask lives on the CPU: no device sync
-                if real_rows == 0:
-                    # A rank whose share of the epoch's last step is all padding still takes the
-                    # step (ranks stay in step), with a zero loss instead of 0/0.
-                    row_weights = None
+                row_weights = row_mask = None  # a batch without padding: plain means and statistics
+                if 0 < real_rows < len(mask):
+                    row_mask = mask.to(device=device, non_blocking=True)
+                    row_weights = row_mask.to(torch.float32)
+                elif real_rows == 0:
+                    # A rank whose share of the step is all padding still takes it (ranks stay in
+                    # step; its batch norm joins the others' statistics with no rows), with a zero
+                    # loss instead of 0/0.
+                    row_mask = mask.to(device=device, non_blocking=True)
                 with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
                                     enabled=run.autocast_dtype is not None):
                     parts = self.step_fn(teacher_images, student_images, row_weights,
-                                         teacher_features=teacher_features)
+                                         teacher_features=teacher_features, row_mask=row_mask)
                 if real_rows == 0:
                     parts = {name: value * 0.0 for name, value in parts.items()}
+                if self.world > 1:
+                    # Scaled by this rank's share of the global batch's real rows, the ranks'
+                    # losses sum to the global batch's mean: the summed gradients are the
+                    # single-process ones (distributed.sum_gradients), and so are the logged sums.
+                    from .distributed import row_share
+
+                    share = row_share(real_rows, device)
+                    parts = {name: value * share for name, value in parts.items()}
                 (parts["loss"] / accum).backward()
                 for name, value in parts.items():
                     value = value.detach()
@@ -511,7 +532,6 @@ class Trainer:
                 acc_count += 1
                 self.images_seen += real_rows
                 interval_images += real_rows
-                window_rows += real_rows
                 micro += 1
                 if micro % accum:
                     continue
@@ -519,10 +539,9 @@ class Trainer:
                 first_bad = torch.where((first_bad < 0) & bad_now,
                                         torch.full_like(first_bad, self.global_step), first_bad)
                 if self.world > 1:
-                    from .distributed import average_gradients
+                    from .distributed import sum_gradients
 
-                    average_gradients(self.params, window_rows)
-                window_rows = 0
+                    sum_gradients(self.params)
                 if cfg.optim.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad_norm)
                 self.optimizer.step()
@@ -537,14 +556,13 @@ class Trainer:
                     values = (torch.stack([acc[n] for n in names]) / acc_count).tolist()
                     bad = int(first_bad)
                     if self.world > 1:
-                        # The global batch's losses (each rank's weighted by its real rows) and counts;
+                        # The global batch's losses (the ranks' shares sum to them) and counts;
                         # every rank sees a non-finite loss anywhere, so all stop together.
                         from .distributed import all_reduce_sum
 
-                        summed = all_reduce_sum([v * interval_images for v in values]
-                                                + [interval_images, float(bad >= 0)], device)
+                        summed = all_reduce_sum(values + [interval_images, float(bad >= 0)], device)
                         interval_images = int(summed[len(names)])
-                        values = [v / max(interval_images, 1) for v in summed[:len(names)]]
+                        values = summed[:len(names)]
                         if summed[len(names) + 1] > 0 and bad < 0:
                             bad = max(0, self.global_step - 1)
                         self.images_seen = images_logged + interval_images
@@ -576,8 +594,9 @@ class Trainer:
                     if self.global_step % cfg.train.checkpoint_every == 0 or done:
                         selection = self.select()
                         if selection:
-                            with open(metrics_path, "a", encoding="utf-8") as fh:
-                                fh.write(json.dumps({"step": self.global_step, **selection}) + "\n")
+                            if self.is_main:
+                                with open(metrics_path, "a", encoding="utf-8") as fh:
+                                    fh.write(json.dumps({"step": self.global_step, **selection}) + "\n")
                             summary = {**record, **selection}
                         last_good_ckpt = self.save()
                 if done:
@@ -616,9 +635,12 @@ def distill(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
             torch.distributed.barrier()  # rank 0's last checkpoint is written before anyone leaves
         return summary
     finally:
-        # With DeepSpeed the group is left to process exit: destroying it under DeepSpeed's
-        # communication backend aborts the process (SIGABRT) after the run has finished.
-        if run.owns_process_group and not cfg.train.deepspeed:
+        # After the barrier above: with torch 2.13's gloo, a rank that leaves with its group
+        # alive, or destroys it while a peer is still in a collective, now and then aborts at exit
+        # ("terminate called without an active exception", SIGABRT, after the work is done).
+        # Measured on 2 CPU ranks: no destroy 4 of 12 runs, destroy without a barrier 3 of 8,
+        # barrier then destroy 0 of 10; 2-rank DeepSpeed `distill` runs: 0 of 18.
+        if run.owns_process_group:
             torch.distributed.destroy_process_group()
 
 
@@ -641,11 +663,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(summary))
     if cfg.train.deepspeed:
-        # Everything is written (rank 0's checkpoint before the final barrier) and flushed. With
-        # DeepSpeed's ZeRO-3 teacher, the interpreter's teardown sometimes aborts in a native
-        # destructor ("terminate called without an active exception", SIGABRT; seen on CPU/gloo,
-        # see ../shared/ENVIRONMENT.md) after a run that succeeded; leaving without the teardown
-        # keeps a finished run's exit code 0.
+        # Everything is written (rank 0's checkpoint before the final barrier) and flushed. After
+        # a run with DeepSpeed's ZeRO-3 teacher, the interpreter's teardown was seen to abort in a
+        # native destructor ("terminate called without an active exception", SIGABRT; CPU/gloo,
+        # see ../shared/ENVIRONMENT.md) before distill() destroyed its process group; not seen
+        # since, but leaving without the teardown keeps a finished run's exit code 0 regardless.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -76,6 +76,59 @@ def test_ties_resolve_to_the_lower_index_every_time(parts):
         assert step.select_classes(features).tolist() == first
 
 
+TOPK_WORKER = r'''
+import json, os, sys
+import torch
+from clipdistill.engine.class_vectors import encode_class_names
+from clipdistill.engine.models import build_student, build_teacher, get_tokenizer
+from clipdistill.engine.prompts import build_learner
+from clipdistill.engine.step import DistillStep
+torch.distributed.init_process_group("gloo", init_method="env://")
+rank = torch.distributed.get_rank()
+case = json.load(open(sys.argv[1]))
+torch.manual_seed(0)
+teacher = build_teacher("clipdistill-tiny-teacher", None)
+vocab = case["vocab"]
+vectors = encode_class_names(teacher.encode_text, get_tokenizer("clipdistill-tiny-teacher"), vocab,
+                             ["a photo of a {}."])
+learner = build_learner("coop", build_student("clipdistill-tiny-student", None),
+                        tokenizer=get_tokenizer("clipdistill-tiny-student"), class_names=vocab, n_ctx=2)
+step = DistillStep(teacher, learner, vectors, recipe="kdpl", top_k=case["k"])
+features = torch.tensor(case["features"][rank])
+weights = torch.tensor(case["weights"][rank])
+json.dump(step.select_classes(features, weights).tolist(), open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w"))
+torch.distributed.barrier()  # then destroy: see _gloo.py
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_two_ranks_pick_the_same_classes_as_one_process(parts, tmp_path):
+    """Each rank votes with its own rows (rank 1 holds padding); the all-reduced choice is the same
+    on both ranks and equals one process's choice over the whole batch."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_gloo", Path(__file__).with_name("_gloo.py"))
+    gloo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gloo)
+
+    step = _step(parts, k=6)
+    torch.manual_seed(11)
+    features = step.teacher.encode_image(torch.randn(8, 3, 32, 32))
+    weights = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0])
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps({"vocab": VOCAB, "k": 6, "features": [features[:4].tolist(), features[4:].tolist()],
+                                "weights": [weights[:4].tolist(), weights[4:].tolist()]}))
+    gloo.run_ranks(TOPK_WORKER, [str(case), str(tmp_path)], tmp_path)
+    chosen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    want = step.select_classes(features, weights).tolist()
+    assert chosen[0] == chosen[1] == want
+    # Rank 0's rows alone choose differently: the other rank's vote counts.
+    assert step.select_classes(features[:4]).tolist() != want or \
+        step.select_classes(features[4:5]).tolist() != want
+
+
 def test_student_encodes_exactly_k_names(parts, monkeypatch):
     from clipdistill.engine import towers
 
