@@ -1,7 +1,8 @@
 """One time-boxed run of everything that needs the GPU machine (H100 / H200).
 
     python benchmarks/gpu_suite.py [--budget-s 540] [--wheels .whl] [--out DIR]
-                                   [--skip-tests] [--only bench_kd_loss ...] [--quick]
+                                   [--skip-tests] [--only bench_kd_loss ...] [--skip-benchmarks]
+                                   [--deepspeed [throughput] [largest]] [--deepspeed-args "..."] [--quick]
 
 In order, each step bounded by what is left of ``--budget-s``:
 
@@ -13,7 +14,12 @@ In order, each step bounded by what is left of ``--budget-s``:
    and a device-to-device copy's bandwidth (benchmark ``device_ceilings``);
 3. runs the GPU test tier (``pytest -m gpu``) with its log saved;
 4. runs every registered benchmark (``benchmarks.REGISTERED``), each in its own
-   process with the time that is left.
+   process with the time that is left;
+5. runs DeepSpeed's ZeRO-3 teacher benchmarks (``bench_zero_teacher.py --mode
+   throughput``, then ``--mode largest``; not registered: the CPU test tier runs
+   every registered benchmark and must not start DeepSpeed jobs), each with its
+   share of what is left, when DeepSpeed is importable (its wheel and its
+   dependencies are in ``.whl/``: benchmarks/prepare_gpu_wheels.sh).
 
 Results are written row by row (to ``$OUT`` when set, else benchmarks/results),
 so a run stopped at its limit still returns what it measured. The last lines
@@ -23,15 +29,19 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SITE_DIR = Path("/tmp/clipdistill-site")
+DEEPSPEED_MODES = ("throughput", "largest")  # bench_zero_teacher.py --mode ..., in this order
 
 
 def join_split_wheels(part_dirs: list[Path], dest: Path) -> list[Path]:
@@ -143,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="skip the GPU test tier")
     parser.add_argument("--skip-install", action="store_true", help="use what is installed")
     parser.add_argument("--only", nargs="*", default=None, help="registered benchmarks to run (default: all)")
+    parser.add_argument("--skip-benchmarks", action="store_true", help="skip the registered benchmarks")
+    parser.add_argument("--deepspeed", nargs="*", choices=list(DEEPSPEED_MODES), default=list(DEEPSPEED_MODES),
+                        help="bench_zero_teacher modes to run last (default: both; none with a bare --deepspeed)")
+    parser.add_argument("--deepspeed-args", default="",
+                        help='more arguments for bench_zero_teacher, e.g. "--offload cpu --from-rung ViT-e-14"')
     parser.add_argument("--quick", action="store_true", help="small sizes (a dry run of the suite itself)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     args = parser.parse_args(argv)
@@ -177,12 +192,27 @@ def main(argv: list[str] | None = None) -> int:
                                    "--benchmark-disable", "tests"],
                  min(300.0, deadline - time.time() - 30), out / "pytest_gpu.log", log)
 
-    names = args.only if args.only else list(benchmarks.REGISTERED)
-    for i, name in enumerate(names):
+    names = [] if args.skip_benchmarks else (args.only if args.only else list(benchmarks.REGISTERED))
+    modes = args.deepspeed if importlib.util.find_spec("deepspeed") is not None else []
+    if args.deepspeed and not modes:
+        log.append({"step": "bench_zero_teacher", "status": "skipped",
+                    "detail": "deepspeed is not importable: carry its wheels (benchmarks/prepare_gpu_wheels.sh)"})
+    quick = ["--quick"] if args.quick else []
+
+    def registered(name: str) -> Callable[[float], list[str]]:
+        return lambda share: [sys.executable, "-m", f"benchmarks.{name}", *quick]
+
+    def zero_teacher(mode: str) -> Callable[[float], list[str]]:
+        # Its own budget ends before the step's limit: it stops starting cases and prints its table.
+        return lambda share: [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_zero_teacher.py"), "--mode", mode,
+                              "--budget-s", f"{max(0.0, share - 20):.0f}", *shlex.split(args.deepspeed_args), *quick]
+
+    steps = [(name, name, registered(name)) for name in names]
+    steps += [(f"bench_zero_teacher --mode {mode}", f"bench_zero_teacher_{mode}", zero_teacher(mode)) for mode in modes]
+    for i, (name, log_name, command) in enumerate(steps):
         left = deadline - time.time() - 5
-        share = left / max(1, len(names) - i)
-        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if args.quick else [])
-        run_step(name, cmd, share, out / f"{name}.log", log)
+        share = left / max(1, len(steps) - i)
+        run_step(name, command(share), share, out / f"{log_name}.log", log)
 
     print()
     print_table(log, columns=["step", "status", "detail"])

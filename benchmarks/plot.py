@@ -41,6 +41,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
     groups: "OrderedDict[tuple, list[dict]]" = OrderedDict()
     for row in rows:
+        if row.get("median") is None:  # a case that did not run (bench_zero_teacher's failed rungs): no bar
+            continue
         groups.setdefault((row["benchmark"], row["metric"], row.get("device", "")), []).append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -169,9 +169,9 @@ def with_teacher_precision(config: dict, precision: Optional[str], device: torch
 
     The plain engine builds the teacher in ``teacher.precision`` (default bf16 on a GPU, fp32
     on the CPU); under ZeRO-3 the partitions' dtype is DeepSpeed's ``bf16``/``fp16`` section.
-    A config without either gets the one ``teacher.precision`` asks for (none for fp32); a
-    config with one wins over the default, and one that contradicts an explicit
-    ``teacher.precision`` is refused. DeepSpeed's bf16 holds every weight in bf16, LayerNorm's
+    A config without either section gets the one ``teacher.precision`` asks for (none for
+    fp32); a config with one (enabled or not) wins over the default, and one that contradicts
+    an explicit ``teacher.precision`` is refused. DeepSpeed's bf16 holds every weight in bf16, LayerNorm's
     too (open_clip's bf16 keeps LayerNorm in fp32).
 
     Raises:
@@ -182,13 +182,17 @@ def with_teacher_precision(config: dict, precision: Optional[str], device: torch
         raise ConfigError(f"teacher.precision={requested!r} under train.deepspeed: use one of "
                           f"{', '.join(_DS_PRECISIONS)}")
     want = _DS_PRECISIONS[requested]
-    named = [key for key in ("bf16", "fp16") if isinstance(config.get(key), dict) and config[key].get("enabled")]
-    if len(named) > 1:
+    sections = {key: bool(config[key].get("enabled", False)) for key in ("bf16", "fp16")
+                if isinstance(config.get(key), dict)}
+    enabled = [key for key, on in sections.items() if on]
+    if len(enabled) > 1:
         raise ConfigError("train.deepspeed: the config enables both bf16 and fp16; enable one")
-    if named:
-        if precision is not None and named[0] != want:
-            raise ConfigError(f"teacher.precision={precision!r} but the DeepSpeed config enables {named[0]}: "
-                              f"make them agree (or leave teacher.precision unset to use the config's)")
+    if sections:  # the config decides (a section with enabled false: fp32 partitions)
+        chosen = enabled[0] if enabled else None
+        if precision is not None and chosen != want:
+            says = f"enables {chosen}" if chosen else "disables bf16 and fp16 (fp32 partitions)"
+            raise ConfigError(f"teacher.precision={precision!r} but the DeepSpeed config {says}: make them "
+                              f"agree (or leave teacher.precision unset to use the config's)")
         return config
     config = dict(config)
     if want is not None:

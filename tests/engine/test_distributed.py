@@ -102,6 +102,10 @@ def test_teacher_precision_sets_the_deepspeed_dtype():
     assert with_teacher_precision(own, None, gpu) == own  # the config's own choice wins over a default
     with pytest.raises(ConfigError, match="teacher.precision='bf16' but the DeepSpeed config enables fp16"):
         with_teacher_precision(own, "bf16", gpu)
+    fp32 = {**base, "bf16": {"enabled": False}}
+    assert with_teacher_precision(fp32, None, gpu) == fp32  # explicitly off: fp32 partitions on a GPU too
+    with pytest.raises(ConfigError, match="disables bf16 and fp16"):
+        with_teacher_precision(fp32, "bf16", gpu)
     with pytest.raises(ConfigError, match="enables both bf16 and fp16"):
         with_teacher_precision({**own, "bf16": {"enabled": True}}, None, gpu)
     with pytest.raises(ConfigError, match="teacher.precision='fp8'.*fp32, bf16"):
