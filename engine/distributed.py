@@ -53,6 +53,7 @@ What runs where, with P processes (ranks) and a global batch of G samples (``dat
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -149,8 +150,13 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int) -> dict:
     if device not in OFFLOAD_DEVICES:
         raise ConfigError(f"{where}: zero_optimization.offload_param.device must be one of "
                           f"{', '.join(OFFLOAD_DEVICES)}, got {device!r}")
-    if device == "nvme" and not offload.get("nvme_path"):
-        raise ConfigError(f"{where}: offload_param.device 'nvme' needs offload_param.nvme_path (a folder on an NVMe)")
+    if device == "nvme":
+        folder = offload.get("nvme_path")
+        if not folder:
+            raise ConfigError(f"{where}: offload_param.device 'nvme' needs offload_param.nvme_path (a folder on an NVMe)")
+        if not Path(folder).is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"{where}: offload_param.nvme_path {str(folder)!r} is not a folder this process can "
+                              f"write to")
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise ConfigError(f"{where}: remove {key!r}: the teacher engine has no trainable parameters, and the "
@@ -159,6 +165,29 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int) -> dict:
     if "train_batch_size" not in config and "train_micro_batch_size_per_gpu" not in config:
         config["train_micro_batch_size_per_gpu"] = max(1, int(micro_batch_size))
     return config
+
+
+def require_deepspeed(config: dict) -> None:
+    """Fail early, with what to do, when DeepSpeed or what the config asks of it is missing.
+
+    ``offload_param.device`` nvme needs DeepSpeed's async_io op, which links libaio; without it
+    DeepSpeed fails deep inside the engine ("Unable to JIT load the async_io op ..."), after the
+    teacher was built.
+
+    Raises:
+        ConfigError: DeepSpeed is not installed, or NVMe offload cannot work here.
+    """
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.deepspeed: DeepSpeed is not installed; pip install -e '.[deepspeed]' "
+                          "(DS_BUILD_OPS=0 installs it without compiling its ops)")
+    offload = (config.get("zero_optimization") or {}).get("offload_param") or {}
+    if offload.get("device") == "nvme":
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            raise ConfigError("train.deepspeed: offload_param.device 'nvme' needs DeepSpeed's async_io op, which "
+                              "cannot be built here: it links libaio (headers and library, e.g. `apt install "
+                              "libaio-dev`). Install it, or offload to 'cpu'")
 
 
 _DS_PRECISIONS = {"fp32": None, "bf16": "bf16", "pure_bf16": "bf16", "fp16": "fp16", "pure_fp16": "fp16"}
@@ -581,8 +610,8 @@ def build_sharded_tuned_teacher(
 
 
 __all__ = [
-    "LaunchEnv", "detect_launch", "load_deepspeed_config", "with_teacher_precision", "check_world",
-    "init_process_group", "rank_and_world", "rank_device", "broadcast_from_rank0", "row_share", "sum_gradients", "all_reduce_sum", "sync_batch_norm",
-    "ShardedTeacher", "PromptedImageTower", "build_vision_tower", "build_sharded_teacher",
-    "build_sharded_tuned_teacher",
+    "LaunchEnv", "detect_launch", "load_deepspeed_config", "require_deepspeed", "with_teacher_precision",
+    "check_world", "init_process_group", "rank_and_world", "rank_device", "broadcast_from_rank0", "row_share",
+    "sum_gradients", "all_reduce_sum", "sync_batch_norm", "ShardedTeacher", "PromptedImageTower",
+    "build_vision_tower", "build_sharded_teacher", "build_sharded_tuned_teacher",
 ]

@@ -198,6 +198,7 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     if cfg.train.deepspeed:
         ds_config = distributed.load_deepspeed_config(cfg.train.deepspeed, micro_batch_size=cfg.data.batch_size)
         ds_config = distributed.with_teacher_precision(ds_config, cfg.teacher.precision, device)
+        distributed.require_deepspeed(ds_config)
     launch = distributed.detect_launch(required=ds_config is not None,
                                        reason="train.deepspeed is set, and DeepSpeed runs one process per device.")
     owns_group = False

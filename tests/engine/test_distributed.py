@@ -71,6 +71,8 @@ def _ds_file(tmp_path: Path, content) -> Path:
     ({}, "stage must be 3.*got None"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "tape"}}}, "none, cpu, nvme, got 'tape'"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "needs offload_param.nvme_path"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/no/such/folder"}}},
+     "nvme_path '/no/such/folder' is not a folder this process can write to"),
     ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
 ])
 def test_bad_deepspeed_config_is_refused(tmp_path, content, message):
@@ -87,6 +89,34 @@ def test_good_deepspeed_config_gets_a_micro_batch(tmp_path):
     cfg = load_deepspeed_config(_ds_file(tmp_path, {"zero_optimization": {
         "stage": 3, "offload_param": {"device": "cpu"}}}), micro_batch_size=4)
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_nvme_offload_without_libaio_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """DeepSpeed's async_io op links libaio; without it DeepSpeed would fail deep inside the engine
+    ("Unable to JIT load the async_io op ..."), after the teacher was built. Said up front instead."""
+    pytest.importorskip("deepspeed", reason="checks DeepSpeed's own op builder")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from clipdistill.engine.distributed import require_deepspeed
+
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(ConfigError, match="nvme' needs DeepSpeed's async_io op.*libaio.*or offload to 'cpu'"):
+        require_deepspeed(nvme)
+    require_deepspeed({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})  # no aio needed
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
+    require_deepspeed(nvme)
+
+
+def test_missing_deepspeed_is_named(monkeypatch):
+    import importlib.util
+
+    from clipdistill.engine.distributed import require_deepspeed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"DeepSpeed is not installed; pip install -e '.\[deepspeed\]'"):
+        require_deepspeed({"zero_optimization": {"stage": 3}})
 
 
 def test_teacher_precision_sets_the_deepspeed_dtype():
