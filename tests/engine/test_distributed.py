@@ -206,17 +206,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_env() -> dict:
-    """The environment a launcher starts from: CPU accelerator, the op cache, no rank variables."""
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": EXTENSIONS, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+def _launch_env(accelerator: str = "cpu") -> dict:
+    """The environment a launcher starts from: DeepSpeed's accelerator, the op cache, no rank variables."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": EXTENSIONS, "DS_ACCELERATOR": accelerator, "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
 
 
-def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = _launch_env()
+def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 600,
+              accelerator: str = "cpu") -> subprocess.CompletedProcess:
+    env = _launch_env(accelerator)
     cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -539,6 +540,24 @@ def test_the_deepspeed_launcher_runs_the_same_job(two_rank_runs, tmp_path):
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "rank 1 of 2" in proc.stdout + proc.stderr
     _assert_same_run(tmp_path / "ds_launcher", two_rank_runs["out"], steps=4)
+
+
+@pytest.mark.gpu
+def test_one_rank_with_deepspeed_on_a_gpu_trains_like_the_plain_engine(shape_folder, tmp_path):
+    """The CUDA path (nccl, bf16 partitions by default, bf16 autocast) on one GPU: the sharded
+    teacher's run follows the plain engine's (bf16 teacher) within bf16 error."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (carry its wheel to the GPU machine)")
+    data = shape_folder("gpu_ds_data", CLASSES, 16, 40)
+    ds = _ds_file(tmp_path, DS_CONFIG)
+    config = _write_config(_config(data, tmp_path / "zero3", device="cuda"), tmp_path / "zero3.yaml")
+    proc = _torchrun(1, ["-m", "clipdistill.engine.cli", "distill", "--config", str(config), f"deepspeed={ds}"],
+                     cwd=tmp_path, accelerator="cuda")
+    assert "teacher sharded with ZeRO-3" in proc.stderr
+    _run_in_process(_config(data, tmp_path / "plain", device="cuda"))
+    got, want = _metrics(tmp_path / "zero3"), _metrics(tmp_path / "plain")
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        assert g["loss/loss"] == pytest.approx(w["loss/loss"], rel=5e-2), g["step"]
 
 
 def _descendants(pid: int) -> list[int]:
