@@ -387,6 +387,10 @@ class ShardedTeacher(nn.Module):
     def input_dtype(self) -> torch.dtype:
         return next(self.model.visual.parameters()).dtype
 
+    # Never traced by torch.compile (train.compile): DeepSpeed gathers the partitions in module
+    # hooks, and dynamo, tracing through them, sees the empty local parameters and fails. The
+    # teacher runs eagerly; the rest of a compiled step stays compiled.
+    @torch.compiler.disable
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images (B, 3, H, W) -> features (B, D) float32 (every rank must call it: a collective)."""

@@ -447,17 +447,25 @@ def _promptkd_padded(data: Path, out: Path, **train) -> dict:
     return cfg
 
 
-@pytest.mark.distributed
-def test_unequal_real_rows_per_rank_train_as_one_process(two_rank_runs, shape_folder, tmp_path):
-    """Ranks holding unequal numbers of real rows (an epoch's short last step, where rank 1 holds
-    padding only; a corrupt image rejected by whichever rank draws it), with gradient accumulation
-    and PromptKD's synchronized batch norm: 2 ranks equal one process in losses, batch-norm
-    statistics, prompts, and the held-out selection (metrics and best.safetensors), which now
-    runs on every rank over its slice of the held-out images."""
+@pytest.fixture(scope="module")
+def padded_data(shape_folder) -> Path:
     data = shape_folder("padded_data", CLASSES, 23, 40)
     (data / "images" / "999.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    ds = two_rank_runs["ds"]
-    _run_2_ranks(_promptkd_padded(data, tmp_path / "two"), ds, tmp_path, "two")
+    return data
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_unequal_real_rows_per_rank_train_as_one_process(two_rank_runs, padded_data, tmp_path, compiled):
+    """Ranks holding unequal numbers of real rows (an epoch's short last step, where rank 1 holds
+    padding only; a corrupt image rejected by whichever rank draws it), with gradient accumulation
+    and PromptKD's synchronized batch norm: 2 ranks equal one (eager) process in losses,
+    batch-norm statistics, prompts, and the held-out selection (metrics and best.safetensors),
+    which runs on every rank over its slice of the held-out images. Also with ``train.compile``:
+    the sharded teacher runs eagerly (dynamo cannot trace DeepSpeed's gathering hooks), the
+    rest of the step compiled."""
+    data, ds = padded_data, two_rank_runs["ds"]
+    _run_2_ranks(_promptkd_padded(data, tmp_path / "two", compile=compiled), ds, tmp_path, "two")
     _run_in_process(_promptkd_padded(data, tmp_path / "one"))
 
     one = [m for m in _metrics(tmp_path / "one") if "loss/loss" in m]
