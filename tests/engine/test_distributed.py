@@ -386,7 +386,8 @@ def _run_2_ranks(config: dict, ds: Path, cwd: Path, name: str, *extra: str) -> s
                          f"deepspeed={ds}"], cwd=cwd)
 
 
-def _assert_same_run(got_dir: Path, want_dir: Path, *, steps: int, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def _assert_same_run(got_dir: Path, want_dir: Path, *, steps: int, rtol: float = 1e-5, atol: float = 1e-6,
+                     loss_rel: float = 1e-5) -> None:
     """Same losses at every step and the same final learner state (every saved tensor)."""
     # The last loss line per step (a resumed run repeats some; held-out lines are separate).
     got = {m["step"]: m for m in _metrics(got_dir) if "loss/loss" in m}
@@ -394,7 +395,7 @@ def _assert_same_run(got_dir: Path, want_dir: Path, *, steps: int, rtol: float =
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     for step, w in want.items():
         assert got[step]["images_seen"] == w["images_seen"], step
-        assert got[step]["loss/loss"] == pytest.approx(w["loss/loss"], rel=1e-5, abs=1e-6), step
+        assert got[step]["loss/loss"] == pytest.approx(w["loss/loss"], rel=loss_rel, abs=1e-6), step
     a, b = _final_state(got_dir), _final_state(want_dir)
     assert a["step"] == b["step"] == steps
     assert set(a["learner"]) == set(b["learner"])
@@ -472,18 +473,24 @@ def test_unequal_real_rows_per_rank_train_as_one_process(two_rank_runs, padded_d
     seen = [m["images_seen"] for m in one]
     assert any(b - a not in (16,) for a, b in zip([0] + seen, seen)), f"no step had padding: {seen}"
     assert one[-1]["rejected_images"] == 1
-    _assert_same_run(tmp_path / "two", tmp_path / "one", steps=4, rtol=1e-4, atol=2e-5)
+    # PromptKD's loss (kd_weight 1000, lr 0.05) amplifies float32 rounding: eager 2 ranks vs 1
+    # process differ by ~5e-6 on tensors of scale ~1, the compiled step (inductor's fused, reordered
+    # arithmetic) vs eager by up to 6e-5 (seen in CI); a per-rank batch norm or padding counted in
+    # its statistics: ~1e-2.
+    rtol, atol, loss_rel = (1e-3, 2e-4, 1e-4) if compiled else (1e-4, 2e-5, 1e-5)
+    _assert_same_run(tmp_path / "two", tmp_path / "one", steps=4, rtol=rtol, atol=atol, loss_rel=loss_rel)
     assert [m["rejected_images"] for m in _metrics(tmp_path / "two") if "loss/loss" in m] == \
         [m["rejected_images"] for m in one]
     selected = {d: [m for m in _metrics(tmp_path / d) if "heldout/agreement" in m] for d in ("one", "two")}
     assert [m["step"] for m in selected["two"]] == [m["step"] for m in selected["one"]] == [2, 4]
     for got, want in zip(selected["two"], selected["one"]):
-        assert got["heldout/agreement"] == pytest.approx(want["heldout/agreement"], abs=1e-9)
-        assert got["heldout/kl"] == pytest.approx(want["heldout/kl"], rel=1e-4, abs=1e-6)
+        if not compiled:  # a near-tie's argmax may flip under the compiled step's rounding
+            assert got["heldout/agreement"] == pytest.approx(want["heldout/agreement"], abs=1e-9)
+        assert got["heldout/kl"] == pytest.approx(want["heldout/kl"], rel=10 * loss_rel, abs=1e-6)
     best = {d: ckpt.load_checkpoint(tmp_path / d / "best.safetensors") for d in ("one", "two")}
     assert best["two"]["step"] == best["one"]["step"]
     for key, value in best["one"]["learner"].items():
-        torch.testing.assert_close(best["two"]["learner"][key], value, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(best["two"]["learner"][key], value, rtol=rtol, atol=atol)
 
 
 @pytest.mark.distributed
