@@ -3,7 +3,7 @@ the ZeRO-3-sharded teacher, two ranks against one process, resume across world s
 
 The multi-process tests are marked ``distributed`` (run with ``--run-distributed``): they
 start 2 CPU processes with ``torchrun`` (gloo) on the tiny models and generated images.
-DeepSpeed compiles a shared-memory op with g++ on its first distributed start (about 80 s
+DeepSpeed compiles a shared-memory op with g++ on its first distributed start (22-83 s
 here); it is cached in ``TORCH_EXTENSIONS_DIR`` (default below), so later runs take seconds.
 """
 from __future__ import annotations
