@@ -158,7 +158,10 @@ class AgreementTally:
         self._sums = sums if self._sums is None else self._sums + sums
 
     def all_reduce(self, device: torch.device) -> None:
-        """Sum the tallies of every rank of the initialized process group (a collective)."""
+        """Sum the tallies of every rank of the initialized process group (a collective; a no-op
+        without one)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
         sums = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64, device=device)
         sums = sums.to(device)
         torch.distributed.all_reduce(sums)

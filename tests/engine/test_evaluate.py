@@ -112,6 +112,18 @@ def test_agreement_kl_equals_float64_reference():
     tally.update(t[4:], s[4:])
     assert tally.result()["kl"] == pytest.approx(got["kl"], rel=1e-6)
     assert np.isfinite(got["kl"])
+    # A mask leaves padding rows out (whatever they hold); all_reduce is a no-op in one process.
+    mask = torch.tensor([True, False, True, True, False, True, True, True, True, False, True])
+    padded = torch.where(mask[:, None], s, torch.full_like(s, float("nan")))
+    masked = AgreementTally()
+    masked.update(t, padded, mask)
+    masked.all_reduce(torch.device("cpu"))
+    real = agreement_kl(t[mask], s[mask])
+    assert masked.result()["images"] == 8
+    assert masked.result()["kl"] == pytest.approx(real["kl"], rel=1e-6)
+    assert masked.result()["agreement"] == pytest.approx(real["agreement"])
+    with pytest.raises(ValueError, match=r"mask must be \(11,\), got \(3,\)"):
+        masked.update(t, s, mask[:3])
 
 
 def test_selection_rule_and_holdout_split(world):
