@@ -25,10 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from clipdistill.engine.distributed import rank_and_world
 
 
 class _RowStatistics:
@@ -37,7 +34,7 @@ class _RowStatistics:
     synchronized: bool = False  # set per module by synchronize()
 
     def forward(self, input: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        sync = self.synchronized and _world_size() > 1
+        sync = self.synchronized and rank_and_world()[1] > 1
         batch_stats = self.training or not self.track_running_stats
         if not batch_stats or (row_mask is None and not sync):
             return super().forward(input)

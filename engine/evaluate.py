@@ -160,7 +160,9 @@ class AgreementTally:
     def all_reduce(self, device: torch.device) -> None:
         """Sum the tallies of every rank of the initialized process group (a collective; a no-op
         without one)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from .distributed import is_initialized
+
+        if not is_initialized():
             return
         sums = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64, device=device)
         sums = sums.to(device)

@@ -8,10 +8,10 @@ here); it is cached in ``TORCH_EXTENSIONS_DIR`` (default below), so later runs t
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +22,10 @@ import torch
 from clipdistill.engine import checkpoint as ckpt
 from clipdistill.engine.config import ConfigError
 from clipdistill.engine.distributed import check_world, detect_launch, load_deepspeed_config
+
+_spec = importlib.util.spec_from_file_location("_gloo", Path(__file__).with_name("_gloo.py"))
+_gloo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_gloo)
 
 CLASSES = ["circle", "square", "triangle", "cross", "ring"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -109,8 +113,6 @@ def test_nvme_offload_without_libaio_is_refused_before_anything_starts(tmp_path,
 
 
 def test_missing_deepspeed_is_named(monkeypatch):
-    import importlib.util
-
     from clipdistill.engine.distributed import require_deepspeed
 
     real = importlib.util.find_spec
@@ -200,12 +202,6 @@ def _write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_env(accelerator: str = "cpu") -> dict:
     """The environment a launcher starts from: DeepSpeed's accelerator, the op cache, no rank variables."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": EXTENSIONS, "DS_ACCELERATOR": accelerator, "OMP_NUM_THREADS": "1",
@@ -219,7 +215,7 @@ def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 600,
               accelerator: str = "cpu") -> subprocess.CompletedProcess:
     env = _launch_env(accelerator)
     cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *args]
+           "--master_port", str(_gloo.free_port()), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -525,7 +521,7 @@ def test_two_nodes_of_one_process_each_equal_one_node_of_two(two_rank_runs, tmp_
     The run equals the one-node 2-rank run, and node 1 writes nothing of its own."""
     config = _write_config(_config(two_rank_runs["data"], tmp_path / "nodes"), tmp_path / "nodes.yaml")
     env = _launch_env()
-    port = str(_free_port())
+    port = str(_gloo.free_port())
     nodes = []
     for node in range(2):
         cmd = [str(TORCHRUN), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
@@ -549,7 +545,7 @@ def test_the_deepspeed_launcher_runs_the_same_job(two_rank_runs, tmp_path):
     config = _write_config(_config(two_rank_runs["data"], tmp_path / "ds_launcher"), tmp_path / "run.yaml")
     env = _launch_env()
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--no_local_rank", "--num_gpus", "2",
-           "--master_port", str(_free_port()), str(Path(sys.executable).with_name("clipdistill")), "distill",
+           "--master_port", str(_gloo.free_port()), str(Path(sys.executable).with_name("clipdistill")), "distill",
            "--config", str(config), f"deepspeed={two_rank_runs['ds']}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -620,7 +616,7 @@ def test_sigkill_a_two_rank_job_then_resume_with_two_ranks_or_one(two_rank_runs,
     killed = tmp_path / "killed"
     config = _write_config(_config(data, killed, max_steps=steps, checkpoint_every=2), tmp_path / "killed.yaml")
     env = _launch_env()
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_gloo.free_port()),
            "-m", "clipdistill.engine.cli", "distill", "--config", str(config), f"deepspeed={ds}"]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
