@@ -13,6 +13,9 @@ import json
 import sys
 from typing import Sequence
 
+from .index import index_source
+from .sources import EmptySourceError
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``index`` subcommand to an argparse subparsers object."""
@@ -40,9 +43,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_index(args: argparse.Namespace) -> int:
     """Run ``index`` on parsed arguments; returns the exit code (0, or 2 on a bad source)."""
-    from .index import index_source
-    from .sources import EmptySourceError
-
     try:
         summary = index_source(
             args.source,

@@ -7,14 +7,16 @@ cameras append trailers), a PNG an IEND chunk. Most truncated files fail this
 check; files that pass it and still fail to decode are caught at run time by the
 loader (see ``loader.py``).
 
-This module imports only the standard library and PIL (lazily), so the
-``clipdistill index`` command starts fast.
+This module imports only the standard library and PIL (no numpy, torch or
+DALI), so the ``clipdistill index`` command starts fast.
 """
 from __future__ import annotations
 
 import io
 import os
 import warnings
+
+from PIL import Image
 
 # How far from the end the JPEG EOI / PNG IEND marker may sit.
 TAIL_WINDOW = 64 * 1024
@@ -133,8 +135,6 @@ def image_size(data: bytes):
         OSError / ValueError (PIL's UnidentifiedImageError is an OSError) when the
         header cannot be parsed.
     """
-    from PIL import Image
-
     with warnings.catch_warnings():
         # Size is bounded by the caller's max_pixels, not by PIL's bomb heuristic.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -147,8 +147,6 @@ def full_decode_check(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tupl
     reason, detail = check_bytes(data)
     if reason is not None:
         return reason, detail
-    from PIL import Image
-
     try:
         img, (width, height) = image_size(data)
         if width * height > max_pixels:

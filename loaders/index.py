@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import formats
 from .sources import SampleList, resolve_source
@@ -60,18 +61,13 @@ def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[int, str, str
 
 
 class _Progress:
-    """tqdm when installed and enabled, else nothing."""
+    """A tqdm bar when enabled, else nothing."""
 
     def __init__(self, total: int, enabled: bool, desc: str):
         self.bar = None
         if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="file", unit_scale=True, file=sys.stderr,
-                                mininterval=0.5, smoothing=0.1)
-            except ImportError:
-                pass
+            self.bar = tqdm(total=total, desc=desc, unit="file", unit_scale=True, file=sys.stderr,
+                            mininterval=0.5, smoothing=0.1)
 
     def update(self, n: int) -> None:
         if self.bar is not None:

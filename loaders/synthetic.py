@@ -13,12 +13,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def natural_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """(height, width, 3) uint8 with photo-like statistics."""
-    from PIL import Image
-
     img = np.zeros((height, width, 3), np.float32)
     for octave in range(1, 7):
         cells = 2 ** octave
@@ -30,8 +29,6 @@ def natural_image(rng: np.random.Generator, width: int, height: int) -> np.ndarr
     img += ((gx / width) * direction[0] + (gy / height) * direction[1])[..., None] * 60.0
     img = (img - img.min()) / max(1e-6, float(img.max() - img.min())) * 235.0 + 10.0
     # Objects: a few shapes with sharp edges and their own texture, as photos have.
-    from PIL import ImageDraw
-
     canvas = Image.fromarray(img.astype(np.uint8))
     draw = ImageDraw.Draw(canvas, "RGBA")
     for _ in range(int(rng.integers(3, 9))):
@@ -48,8 +45,6 @@ def natural_image(rng: np.random.Generator, width: int, height: int) -> np.ndarr
 
 def encode(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None, quality: int = 90) -> bytes:
     """Encode an RGB array (optionally converted to ``mode`` first: "L", "CMYK", ...)."""
-    from PIL import Image
-
     img = Image.fromarray(array)
     if mode is not None:
         img = img.convert(mode)
