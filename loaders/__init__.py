@@ -3,8 +3,9 @@
 Knows nothing of models. The public names are imported on first use, so that
 ``clipdistill index`` (which needs neither torch nor DALI) starts fast:
 
-- :class:`ImageLoader`, :class:`OutputSpec`, :class:`Batch`, :class:`Reject`,
-  :func:`resolve_backend`, :func:`dali_available`, ``CLIP_MEAN``, ``CLIP_STD`` (loader.py)
+- :class:`ImageLoader`, :class:`Batch`, :func:`resolve_backend`, :func:`dali_available` (loader.py)
+- :class:`OutputSpec`, :class:`Reject`, ``CLIP_MEAN``, ``CLIP_STD`` (plan.py, the leaf that
+  loader.py and the backends in backends/ import)
 - :class:`RandomResizedCrop`, :class:`CenterCrop`, :func:`sample_views`,
   :func:`epoch_order`, :func:`rank_slots` (views.py)
 - :class:`SampleList`, :func:`resolve_source`, :class:`EmptySourceError` (sources.py)
@@ -18,8 +19,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ImageLoader": "loader", "OutputSpec": "loader", "Batch": "loader", "Reject": "loader",
-    "resolve_backend": "loader", "dali_available": "loader", "CLIP_MEAN": "loader", "CLIP_STD": "loader",
+    "ImageLoader": "loader", "Batch": "loader", "resolve_backend": "loader", "dali_available": "loader",
+    "OutputSpec": "plan", "Reject": "plan", "CLIP_MEAN": "plan", "CLIP_STD": "plan",
     "RandomResizedCrop": "views", "CenterCrop": "views", "sample_views": "views",
     "epoch_order": "views", "rank_slots": "views", "ReplayViews": "views", "VIEWS_VERSION": "views",
     "SampleList": "sources", "resolve_source": "sources", "EmptySourceError": "sources",

@@ -10,6 +10,10 @@ One object, three backends with one output contract:
 - ``"auto"``: dali-gpu when DALI imports and CUDA is available, else dali-cpu when
   DALI imports, else torch. The choice is logged (logger ``clipdistill.loaders``).
 
+The backends live in :mod:`.backends` and receive plain arguments (the
+:class:`Planner`, the output specs, device, dtype, ...); they and this module
+import the shared types from :mod:`.plan`.
+
 What every backend does per step (see :mod:`views` for the numbers):
 
 1. the rank's sample ids for the step (a fixed slice of the global batch);
@@ -51,92 +55,32 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import formats
-from .sources import SampleList, resolve_source
-from .views import (CenterCrop, RandomResizedCrop, ReplayViews, Transform, epoch_order, rank_slots, sample_views,
-                    steps_per_epoch)
+from .backends.dali import DaliBackend
+from .backends.torch import TorchBackend
+# CLIP_MEAN ... normalize_hwc_uint8 are defined in plan.py (the leaf the backends import) and stay
+# importable from here, where they were defined before.
+from .plan import CLIP_MEAN, CLIP_STD, OutputSpec, Planner, Reject, StepPlan, normalize_hwc_uint8
+from .sources import resolve_source
+from .views import CenterCrop, RandomResizedCrop, ReplayViews, Transform, sample_views
+
+__all__ = [
+    "BACKENDS", "INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD", "OutputSpec", "Reject", "StepPlan", "Batch", "Planner",
+    "dali_available", "resolve_backend", "normalize_hwc_uint8", "ImageLoader",
+]
 
 logger = logging.getLogger("clipdistill.loaders")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "auto")
 INTERPOLATIONS = ("bilinear", "bicubic")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """One output resolution: square side ``size``, normalized as (x / 255 - mean) / std."""
-
-    name: str
-    size: int
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-    def __post_init__(self):
-        if self.size < 1:
-            raise ValueError(f"OutputSpec {self.name!r}: size must be >= 1, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"OutputSpec {self.name!r}: mean and std need 3 values, std > 0")
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A sample taken out of the run, and why."""
-
-    sample_id: int
-    location: str
-    reason: str
-    detail: str
-    epoch: int
-    step: int
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class StepPlan:
-    """What one rank decodes at one step (R rows); see the module docstring for the fields."""
-
-    epoch: int
-    step: int
-    sample_ids: np.ndarray  # (R,) int64, -1 on padding
-    view_ids: np.ndarray  # (R,) int64
-    crops: np.ndarray  # (R, 4) int32
-    flips: np.ndarray  # (R,) bool
-    sizes: np.ndarray  # (R, 2) int32
-    rejects: list[Reject] = field(default_factory=list)
-    encoded: list = field(default_factory=list, repr=False)  # per row: bytes or None; not sent between processes
-    opened: list = field(default_factory=list, repr=False)  # per row: PIL image (torch backend) or None
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.sample_ids >= 0
-
-    def drop_payload(self) -> "StepPlan":
-        self.encoded, self.opened = [], []
-        return self
-
-    def reject_sample(self, sample_id: int, location: str, reason: str, detail: str) -> None:
-        rows = self.sample_ids == sample_id
-        self.sample_ids[rows] = -1
-        self.crops[rows] = 0
-        self.flips[rows] = False
-        self.sizes[rows] = 0
-        for r in np.flatnonzero(rows):
-            if self.encoded:
-                self.encoded[r] = None
-            if self.opened:
-                self.opened[r] = None
-        self.rejects.append(Reject(int(sample_id), location, reason, detail[:300], self.epoch, self.step))
 
 
 @dataclass
@@ -153,98 +97,6 @@ class Batch:
     epoch: int
     step: int
     rejects: list[Reject]
-
-
-class Planner:
-    """The backend-independent part of a step: ids, reads, checks, view numbers."""
-
-    def __init__(self, samples: SampleList, *, global_batch_size: int, rank: int, world_size: int,
-                 views_per_sample: int, seed: int, transform: Transform, precheck: bool, max_pixels: int,
-                 replay: ReplayViews | None = None):
-        self.samples = samples
-        self.replay = replay
-        self.global_batch_size = global_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.views_per_sample = views_per_sample
-        self.seed = seed
-        self.transform = transform
-        self.precheck = precheck
-        self.max_pixels = max_pixels
-        self._order_epoch: int | None = None
-        self._order: np.ndarray | None = None
-
-    @property
-    def rows(self) -> int:
-        return self.global_batch_size // self.world_size * self.views_per_sample
-
-    def steps(self) -> int:
-        return steps_per_epoch(len(self.samples), self.global_batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            self._order = epoch_order(len(self.samples), self.seed, epoch)
-            self._order_epoch = epoch
-        return self._order
-
-    def prepare(self, epoch: int, step: int, known: Mapping[int, object], open_images: bool = False) -> StepPlan:
-        """Read and check this rank's samples of a step and compute their views."""
-        slots = rank_slots(self.order(epoch), step, self.global_batch_size, self.rank, self.world_size)
-        V = self.views_per_sample
-        R = len(slots) * V
-        plan = StepPlan(
-            epoch=epoch, step=step,
-            sample_ids=np.repeat(slots, V), view_ids=np.tile(np.arange(V, dtype=np.int64), len(slots)),
-            crops=np.zeros((R, 4), np.int32), flips=np.zeros(R, bool), sizes=np.zeros((R, 2), np.int32),
-            encoded=[None] * R, opened=[None] * R,
-        )
-        for j, sid in enumerate(slots.tolist()):
-            if sid < 0:
-                continue
-            if sid in known:
-                plan.sample_ids[j * V:(j + 1) * V] = -1
-                continue
-            reason, detail, data, img, size = self.read(sid, open_images)
-            if reason is not None:
-                plan.reject_sample(sid, self.samples.location(sid), reason, detail)
-                continue
-            plan.sizes[j * V:(j + 1) * V] = size
-            for r in range(j * V, (j + 1) * V):
-                plan.encoded[r] = data
-                plan.opened[r] = img
-        valid = plan.mask
-        view_epoch = epoch
-        if self.replay is not None:
-            plan.view_ids[valid] = self.replay.choose(self.seed, epoch, plan.sample_ids[valid])
-            view_epoch = self.replay.view_epoch
-        if valid.any():
-            crops, flips = sample_views(self.transform, self.seed, view_epoch, plan.sample_ids[valid],
-                                        plan.view_ids[valid], plan.sizes[valid, 0], plan.sizes[valid, 1])
-            plan.crops[valid] = crops
-            plan.flips[valid] = flips
-        return plan
-
-    def read(self, sid: int, open_image: bool = False):
-        """Read and check one sample: (reject reason or None, detail, bytes, PIL image or None, (w, h))."""
-        try:
-            data = self.samples.read(sid)
-        except FileNotFoundError:
-            return formats.MISSING, "file not found (deleted after indexing?)", None, None, None
-        except OSError as exc:
-            return formats.UNREADABLE, f"{type(exc).__name__}: {exc}", None, None, None
-        reason, detail = formats.check_bytes(data)
-        # Format and emptiness are always checked; the end-marker check only with precheck.
-        if reason is not None and (self.precheck or reason != formats.TRUNCATED):
-            return reason, detail, None, None, None
-        try:
-            img, (width, height) = formats.image_size(data)
-        except Exception as exc:  # PIL: UnidentifiedImageError, SyntaxError, struct.error ...
-            return formats.DECODE_ERROR, f"header: {type(exc).__name__}: {exc}", None, None, None
-        if width * height > self.max_pixels:
-            return formats.TOO_LARGE, f"{width}x{height} > {self.max_pixels} pixels", None, None, None
-        if width < 1 or height < 1:
-            return formats.DECODE_ERROR, f"header: size {width}x{height}", None, None, None
-        return None, "", data, img if open_image else None, (width, height)
 
 
 def dali_available() -> bool:
@@ -279,15 +131,6 @@ def resolve_backend(backend: str, device: "str | torch.device | None" = None) ->
         raise RuntimeError("backend 'dali-gpu' needs a CUDA device; none is visible to torch (use 'dali-cpu')")
     logger.info("clipdistill.loaders: backend %r (requested)", backend)
     return backend
-
-
-def normalize_hwc_uint8(images: torch.Tensor, spec: OutputSpec, dtype: torch.dtype,
-                        device: torch.device) -> torch.Tensor:
-    """(R, S, S, 3) uint8 -> (R, 3, S, S) normalized, on ``device`` in ``dtype``."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std).to(dtype).contiguous(memory_format=torch.contiguous_format)
 
 
 class ImageLoader:
@@ -382,14 +225,13 @@ class ImageLoader:
         self._rejects: dict[int, Reject] = {}
         self._impl = self._make_backend()
 
-    def _make_backend(self):
+    def _make_backend(self) -> DaliBackend | TorchBackend:
+        common = dict(device=self.device, dtype=self.dtype, interpolation=self.interpolation,
+                      workers=self.workers, prefetch=self.prefetch)
         if self.backend == "torch":
-            from .torch_backend import TorchBackend
-
-            return TorchBackend(self)
-        from .dali_backend import DaliBackend
-
-        return DaliBackend(self)
+            return TorchBackend(self.planner, self.outputs, **common)
+        return DaliBackend(self.planner, self.outputs, gpu=self.backend == "dali-gpu",
+                           hw_decoder_load=self.hw_decoder_load, **common)
 
     # ---- position -------------------------------------------------------------------------------
     @property
@@ -429,8 +271,6 @@ class ImageLoader:
 
         No-op without an initialized torch.distributed process group. Returns how many were new here.
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return 0
         gathered: list = [None] * dist.get_world_size(group)
