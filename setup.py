@@ -60,7 +60,7 @@ setup(
         for sub in ["", *find_packages(where=name)]
     ],
     package_dir={f"clipdistill.{name}": name for name in SUBPACKAGES},
-    package_data={"clipdistill.engine": ["configs/*.json", "configs/*.yaml", "data/*"]},
+    package_data={"clipdistill.engine": ["config/models/*.json", "config/recipes/*.yaml", "data/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

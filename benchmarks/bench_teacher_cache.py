@@ -54,10 +54,11 @@ def _config(work: Path, images: Path, args) -> dict:
 
 def make_epoch_fns(args, work: Path) -> tuple[dict[str, Callable[[], object]], float, dict]:
     """{"online": fn, "cached": fn} each running one epoch; the cache's build time; facts."""
-    from clipdistill.engine.bench_e2e import make_images
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.teacher_cache import build_teacher_cache
-    from clipdistill.engine.train import Trainer, build_run
+    from benchmarks.bench_e2e import make_images
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.training.teacher_cache import build_teacher_cache
+    from clipdistill.engine.training.builder import build_run
+    from clipdistill.engine.training.trainer import Trainer
 
     images = make_images(work / "images", args.images, 64 if args.quick else 500)
     base = _config(work, images, args)

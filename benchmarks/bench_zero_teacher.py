@@ -20,7 +20,7 @@ engine's sharded teacher, with and without ``offload_param`` to the CPU. A ladde
 open_clip's named ViTs (:data:`NAMED_RUNGS`, up to ViT-e-14, the largest plain ViT open_clip
 ships) to synthetic scalings (:data:`SYNTHETIC_RUNGS`: ``synthetic-ViT-w{width}-L{layers}-p{patch}``,
 MLP ratio 4, head width 128, 224 px, registered with open_clip inside the worker). One rank
-(``--nproc_per_node 1``) runs :func:`~clipdistill.engine.distributed.build_sharded_teacher`
+(``--nproc_per_node 1``) runs :func:`~clipdistill.engine.parallel.zero.build_sharded_teacher`
 (rank 0 first builds the whole CLIP in fp32 in host memory, then streams the tower into the
 partitions) and times a forward of ``--batch`` images under no_grad, bf16 autocast on a GPU as
 the trainer runs it. Per rung and mode a row: status (ok, oom, error, killed, timeout, or
@@ -32,7 +32,7 @@ The teacher's parameters are fp32 unless ``--dtype bf16`` (DeepSpeed's ``"bf16":
 
 ``throughput`` (metric ``images_per_s``): the engine's full distillation step (teacher under
 no_grad, :class:`~clipdistill.engine.step.DistillStep`, backward, the Trainer's optimizer, bf16
-autocast on a GPU), built by :func:`~clipdistill.engine.train.build_run` and stepped as
+autocast on a GPU), built by :func:`~clipdistill.engine.training.builder.build_run` and stepped as
 ``benchmarks.bench_e2e``'s ``ours-live`` provider steps it, but on one fixed synthetic batch
 (no loader), for the plain teacher (``plain``: :func:`~clipdistill.engine.models.build_teacher`,
 bf16 weights on a GPU) and the ZeRO-3 teacher (``zero3``: fp32 partitions; ``zero3-bf16``: bf16
@@ -144,7 +144,8 @@ def _host_total() -> int:
 
 
 def _memory_worker(model: str, out: str) -> None:
-    from clipdistill.engine.distributed import build_sharded_teacher, detect_launch, init_process_group
+    from clipdistill.engine.parallel.launch import detect_launch, init_process_group
+    from clipdistill.engine.parallel.zero import build_sharded_teacher
 
     env = detect_launch(required=True)
     init_process_group(env, torch.device("cpu"))
@@ -251,7 +252,7 @@ def parameter_counts(name: str) -> dict:
 
     ``name`` must be known to open_clip (:func:`register_rungs` for synthetic ones).
     """
-    from clipdistill.engine.distributed import build_vision_tower
+    from clipdistill.engine.parallel.zero import build_vision_tower
     from clipdistill.engine.models import import_open_clip
 
     open_clip = import_open_clip()
@@ -290,7 +291,8 @@ def _autocast(device: torch.device):
 
 def _largest_worker(args: argparse.Namespace) -> None:
     from benchmarks.harness import measure
-    from clipdistill.engine.distributed import build_sharded_teacher, detect_launch, init_process_group, rank_device
+    from clipdistill.engine.parallel.launch import detect_launch, init_process_group, rank_device
+    from clipdistill.engine.parallel.zero import build_sharded_teacher
 
     report_path = Path(args.out)
     report: dict = {"phase": "start"}
@@ -480,9 +482,9 @@ def _throughput_worker(args: argparse.Namespace) -> None:
     from types import SimpleNamespace
 
     from benchmarks.harness import measure
-    from clipdistill.engine.bench_e2e import EnginePipeline, make_images, run_config
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.train import build_run
+    from benchmarks.bench_e2e import EnginePipeline, make_images, run_config
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.training.builder import build_run
 
     work = Path(args.out).parent
     teacher_name, student_name = args.pair.split(":")

@@ -1,41 +1,42 @@
 """The ``clipdistill`` command line.
 
-Each subcommand lives with the code it drives and registers itself through a
-``register(subparsers)`` function that adds its parser and sets ``func`` (parsed
-args -> exit code). Registering must stay cheap: heavy imports (torch models,
-DALI, DeepSpeed) happen inside ``func``.
+Each subcommand is a module of :mod:`clipdistill.engine.commands` (and the loaders' ``index``)
+with a ``register(subparsers)`` function that adds its parser and sets ``func`` (parsed args ->
+exit code). Registering stays cheap: open_clip, DALI and DeepSpeed are imported only when a
+command runs.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
+import platform
 import sys
+from types import ModuleType
 from typing import Sequence
 
-from . import __version__
+import torch
 
-# Modules providing register(subparsers), in the order shown by --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "clipdistill.engine.train",
-    "clipdistill.engine.demo",
-    "clipdistill.engine.teacher_cache",
-    "clipdistill.engine.tune_teacher",
-    "clipdistill.engine.bench_e2e",
-    "clipdistill.engine.evaluate",
-    "clipdistill.engine.export",
-    "clipdistill.engine.datafree.cli",
-    "clipdistill.loaders.cli",
+from clipdistill.engine import __version__
+from clipdistill.engine._torchvision_compat import ensure_torchvision_importable
+from clipdistill.engine.commands import cache_teacher, datafree, demo, distill, evaluate, export, tune_teacher
+from clipdistill.loaders import cli as loaders_cli
+
+# The commands, in the order shown by --help.
+SUBCOMMANDS: tuple[ModuleType, ...] = (
+    distill,
+    demo,
+    cache_teacher,
+    tune_teacher,
+    evaluate,
+    export,
+    datafree,
+    loaders_cli,
 )
 
 
 def _info(args: argparse.Namespace) -> int:
     """Print what clipdistill sees: versions, devices and which optional backends import."""
-    import importlib.util
-    import platform
-
-    import torch
-
     report: dict = {
         "clipdistill": __version__,
         "python": platform.python_version(),
@@ -49,7 +50,6 @@ def _info(args: argparse.Namespace) -> int:
         except ModuleNotFoundError:
             found = False
         report[module.replace("nvidia.", "")] = found
-    from ._torchvision_compat import ensure_torchvision_importable
 
     report["torchvision"] = ensure_torchvision_importable()
     print(json.dumps(report, indent=None if args.json else 2))
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = subparsers.add_parser("info", help="versions, devices and available backends")
     info.add_argument("--json", action="store_true", help="one line of JSON")
     info.set_defaults(func=_info)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for command in SUBCOMMANDS:
+        command.register(subparsers)
     return parser
 
 

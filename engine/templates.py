@@ -7,6 +7,8 @@ Every template has exactly one ``{}`` where the class name goes.
 """
 from __future__ import annotations
 
+from clipdistill.engine.models.clip import import_open_clip
+
 DATASET_TEMPLATES: dict[str, tuple[str, ...]] = {
     "imagenet": ("a photo of a {}.",),
     "imagenet_v2": ("a photo of a {}.",),
@@ -29,8 +31,6 @@ DATASET_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 
 def _imagenet_80() -> tuple[str, ...]:
-    from clipdistill.engine.models import import_open_clip
-
     return tuple(template("{}") for template in import_open_clip().OPENAI_IMAGENET_TEMPLATES)
 
 

@@ -17,14 +17,14 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from clipdistill.engine.models.clip import import_open_clip
+
 DEFAULT_VOCABULARY = "imagenet21k_concepts.txt"
 BUILTIN_PREFIX = "builtin:"
 
 
 def build_vocabulary() -> list[str]:
     """First lemmas of the ImageNet-21k synsets, unique (case-insensitive), in synset order."""
-    from .models import import_open_clip
-
     import_open_clip()  # timm imports torchvision: the CPU compatibility measure must run first
     from timm.data import ImageNetInfo
 

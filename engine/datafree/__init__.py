@@ -5,17 +5,8 @@ drive a teacher-guided generator (:mod:`.generators`) that synthesizes a surroga
 (:mod:`.synthesize`); its diversity is measured in the teacher's feature space (:mod:`.report`),
 and a small non-CLIP student is distilled on it (:mod:`.student`).
 
-Commands (``register(subparsers)`` in :mod:`clipdistill.engine.datafree.cli`, which imports
-only the standard library): ``clipdistill synthesize``, ``datafree-report``, ``distill-datafree``
+Commands (:mod:`clipdistill.engine.commands.datafree`): ``clipdistill synthesize``, ``datafree-report``, ``distill-datafree``
 and ``datafree-eval``.
 
-Nothing heavy is imported here: the submodules import torch, timm and diffusers themselves.
+Nothing is imported here: the submodules import torch, and timm and diffusers where they need them.
 """
-from __future__ import annotations
-
-
-def register(subparsers) -> None:
-    """Register every data-free command (see :mod:`clipdistill.engine.datafree.cli`)."""
-    from clipdistill.engine.datafree.cli import register as register_commands
-
-    register_commands(subparsers)

@@ -7,11 +7,13 @@ small reader exists because the data-free student also needs the intended class 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from clipdistill.engine.datafree.synthesize import MANIFEST_FILE, PLAN_FILE, SynthesisPlan, read_manifest
 
@@ -20,8 +22,6 @@ class SyntheticImages(torch.utils.data.Dataset):
     """``dataset[i]`` -> (image (3, H, W) float32 in [0, 1], intended class index)."""
 
     def __init__(self, root: Union[str, Path]):
-        import json
-
         self.root = Path(root)
         plan_path = self.root / PLAN_FILE
         if not plan_path.is_file():
@@ -40,8 +40,6 @@ class SyntheticImages(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         entry = self.entries[index]
         with Image.open(self.root / entry["path"]) as image:
             array = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy

@@ -52,6 +52,7 @@ pairwise cosine distance between the styled prompts' features, per class, averag
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -59,9 +60,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from clipdistill.engine.towers import TextTower
+from clipdistill.engine.models.towers import TextTower
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
@@ -222,10 +225,6 @@ class StyleBank:
 
     def save(self, path: Union[str, Path], key: dict) -> None:
         """Write the bank and the ``key`` it was made for to one safetensors file (atomically)."""
-        import os
-
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "seeds": self.seeds, "descriptions": self.descriptions,
@@ -238,8 +237,6 @@ class StyleBank:
     @classmethod
     def load(cls, path: Union[str, Path], key: Optional[dict] = None) -> "StyleBank":
         """Read a bank; with ``key``, refuse one made for anything else."""
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})["style_bank"])
             embeddings = handle.get_tensor("styles")

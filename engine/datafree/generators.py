@@ -40,13 +40,17 @@ Generators:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from clipdistill.engine.models.clip import import_open_clip
 
 GENERATORS = ("vqgan", "fourier", "pixel")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -264,8 +268,6 @@ class FourierGenerator(ImageGenerator):
 
 def _import_diffusers():
     """diffusers' VQModel, after the CPU-only torchvision measure (diffusers imports torchvision)."""
-    from clipdistill.engine.models import import_open_clip
-
     import_open_clip()
     try:
         from diffusers import VQModel
@@ -279,8 +281,6 @@ def _import_diffusers():
 
 
 def diffusers_available() -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec("diffusers") is not None
     except (ImportError, ValueError):  # a broken install, or a test that hid the module
@@ -312,7 +312,6 @@ def load_vqgan(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
                 f"no VQModel config for {path}: put it in {path.with_suffix('.json')} or "
                 f"{path.parent / 'config.json'} (diffusers' VQModel config format)"
             )
-        from safetensors.torch import load_file
 
         config = {k: v for k, v in json.loads(config_path.read_text()).items() if not k.startswith("_")}
         model = VQModel(**config)

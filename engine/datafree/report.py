@@ -21,6 +21,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from clipdistill.engine.datafree.dataset import SyntheticImages
+from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
+
 log = logging.getLogger(__name__)
 
 
@@ -53,8 +56,6 @@ def diversity(features: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
 @torch.no_grad()
 def teacher_features_of(dataset, teacher, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) normalized teacher features of every image in a SyntheticImages, and labels (N,)."""
-    from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
-
     side, _, _ = teacher_input_spec(teacher)
     device = teacher.model.logit_scale.device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -82,8 +83,6 @@ def diversity_report(
     batch_size: int = 64,
 ) -> dict:
     """Measure each synthetic set in ``folders`` with ``teacher``; write the JSON (and the plot)."""
-    from clipdistill.engine.datafree.dataset import SyntheticImages
-
     report = {"metric": "mean pairwise cosine distance of the teacher's image features", "sets": {}}
     taken: set = set()
     for folder in folders:

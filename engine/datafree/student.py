@@ -35,7 +35,15 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
+
+from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
+from clipdistill.engine.models.clip import import_open_clip
+from clipdistill.engine.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                                    save_checkpoint)
+from clipdistill.kernels.kd_loss import kd_loss
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,6 @@ CHECKPOINT_KIND = "clipdistill-datafree-student/1"
 
 
 def _import_timm():
-    from clipdistill.engine.models import import_open_clip
-
     import_open_clip()  # timm imports torchvision: apply the CPU-only measure first
     import timm
 
@@ -72,8 +78,6 @@ class DataFreeStudent(nn.Module):
         self.backbone_name = backbone
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         if backbone_weights is not None:
-            from safetensors.torch import load_file
-
             missing, unexpected = self.backbone.load_state_dict(load_file(backbone_weights), strict=False)
             if missing:
                 raise RuntimeError(f"{backbone_weights} does not fit timm {backbone!r}: missing {missing[:5]}")
@@ -88,8 +92,6 @@ class DataFreeStudent(nn.Module):
         self.logit_scale = float(logit_scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from clipdistill.engine.datafree.generators import resize_to
-
         x = (resize_to(images, self.image_size) - self.mean) / self.std
         return self.head(self.backbone(x))
 
@@ -125,9 +127,6 @@ def distill_losses(
     feature_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Named loss parts for one batch of [0, 1] images (B, 3, H, W); the engine sums them."""
-    from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
-    from clipdistill.kernels.kd_loss import kd_loss
-
     side, _, _ = teacher_input_spec(teacher)
     with torch.no_grad():
         teacher_features = teacher_image_features(teacher, resize_to(images, side))
@@ -162,8 +161,6 @@ def distill(
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train ``student`` on ``dataset`` (a :class:`SyntheticImages`); returns per-step loss parts."""
-    from tqdm.auto import tqdm
-
     device = student.class_vectors.device
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
@@ -205,8 +202,6 @@ def agreement(student: DataFreeStudent, teacher, dataset, *, batch_size: int = 6
     flat), and each one's ``..._matches_prompt_class`` (top-1 against the class the image was
     synthesized for).
     """
-    from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
-
     side, _, _ = teacher_input_spec(teacher)
     device = student.class_vectors.device
     student.eval()
@@ -229,16 +224,12 @@ def agreement(student: DataFreeStudent, teacher, dataset, *, batch_size: int = 6
 
 
 def save_student(folder: Union[str, Path], student: DataFreeStudent, *, step: int, extra: Optional[dict] = None) -> Path:
-    from clipdistill.engine.checkpoint import save_checkpoint
-
     state = {"kind": CHECKPOINT_KIND, "config": student.config(), "model": student.state_dict(), "extra": extra or {}}
     return save_checkpoint(folder, step, state, keep_last=1)
 
 
 def load_student(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> DataFreeStudent:
     """Rebuild a student from a checkpoint file, or from the latest checkpoint in a folder."""
-    from clipdistill.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)

@@ -42,6 +42,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clipdistill.engine.datafree.diversify import StyleBank, StyledPrompts, build_diversifier
+from clipdistill.engine.datafree.generators import build_generator, teacher_input_spec
+from clipdistill.engine.models.clip import build_teacher
+from clipdistill.engine.models.towers import TextTower
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +179,6 @@ def _clean_manifest(out_dir: Path) -> tuple[list[dict], dict]:
 
 
 def _save_png(image, path: Path) -> None:
-    from PIL import Image
-
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -199,9 +205,6 @@ def _check_plan(out_dir: Path, plan: SynthesisPlan) -> None:
 
 def build_style_bank(plan: SynthesisPlan, teacher, tokenizer, out_dir: Optional[Path] = None):
     """The plan's style bank, from ``OUT/styles.safetensors`` when it was made for this plan."""
-    from clipdistill.engine.datafree.diversify import StyleBank, build_diversifier
-    from clipdistill.engine.towers import TextTower
-
     key = plan.style_key()
     path = None if out_dir is None else out_dir / STYLES_FILE
     if path is not None and path.is_file():
@@ -241,13 +244,6 @@ def synthesize(
         limit: make at most this many new images, then stop (resumable; for time-limited jobs).
         progress: show a progress bar.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from clipdistill.engine.datafree.diversify import StyledPrompts
-    from clipdistill.engine.datafree.generators import build_generator, teacher_input_spec
-    from clipdistill.engine.towers import TextTower
-
     if plan.per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {plan.per_class}")
     out_dir = Path(out_dir)
@@ -313,10 +309,6 @@ RANDOM_TEACHER_SEED = 0
 def load_teacher(name: str, weights: Optional[str], device: str):
     """The frozen teacher; a random-init one (``weights=None``, for smoke tests) is built from a
     fixed seed so that ``synthesize``, ``distill-datafree`` and the evaluation all see the same one."""
-    import torch
-
-    from clipdistill.engine.models import build_teacher
-
     if weights is not None:
         return build_teacher(name, weights, device=device)
     log.warning("teacher %s has random weights (no --teacher-weights): fine for smoke tests only", name)

@@ -78,7 +78,7 @@ def _rows(folder) -> list[dict]:
 @pytest.mark.distributed
 def test_quick_largest_runs_every_rung_with_and_without_offload(tmp_path, capsys):
     pytest.importorskip("deepspeed", reason="the distributed tier needs DeepSpeed: pip install -e '.[deepspeed]'")
-    from clipdistill.engine.distributed import build_vision_tower
+    from clipdistill.engine.parallel.zero import build_vision_tower
 
     assert bench.main(["--mode", "largest", "--quick", "--results-dir", str(tmp_path)]) == 0
     rows = _rows(tmp_path)

@@ -77,7 +77,7 @@ class World:
         return build_teacher(TINY_TEACHER, str(self.teacher_weights))
 
     def teacher_vectors(self, names, templates=("a photo of a {}.",)):
-        from clipdistill.engine.class_vectors import encode_class_names
+        from clipdistill.engine.models.class_vectors import encode_class_names
         from clipdistill.engine.models import get_tokenizer
 
         teacher = self.teacher()
@@ -88,9 +88,9 @@ class World:
 
         Returns (checkpoint path, learner in eval mode).
         """
-        from clipdistill.engine.checkpoint import save_checkpoint
-        from clipdistill.engine.recipes import dump_run_config, load_run_config
-        from clipdistill.engine.export import construct_learner
+        from clipdistill.engine.training.checkpoint import save_checkpoint
+        from clipdistill.engine.config.run import dump_run_config, load_run_config
+        from clipdistill.engine.evaluation.export import construct_learner
 
         method = "promptkd" if kind == "promptkd" else "kdpl"
         cfg = load_run_config({

@@ -61,7 +61,7 @@ def write_shape_folder(root, classes: list[str], count: int, side: int):
     import numpy as np
     from PIL import Image
 
-    from clipdistill.engine.demo import render_image
+    from clipdistill.engine.commands.demo import render_image
 
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
@@ -76,3 +76,32 @@ def write_shape_folder(root, classes: list[str], count: int, side: int):
 def shape_folder(tmp_path_factory):
     """A factory: ``shape_folder(name, classes, count, side)`` -> a folder of generated shape JPEGs."""
     return lambda name, classes, count, side: write_shape_folder(tmp_path_factory.mktemp(name), classes, count, side)
+
+
+def _forbid_everywhere(monkeypatch, function, message: str) -> int:
+    """Replace ``function`` in every loaded clipdistill module that holds it; return how many.
+
+    Modules import functions by name at their top, so a patch must reach each holder, not only
+    the module that defines the function.
+    """
+    import sys
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(message)
+
+    holders = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("clipdistill.") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is function:
+                monkeypatch.setattr(module, attr, refuse)
+                holders += 1
+    assert holders, f"{function.__qualname__} is held by no loaded clipdistill module"
+    return holders
+
+
+@pytest.fixture
+def forbid(monkeypatch):
+    """``forbid(function, message)``: calling ``function`` from any clipdistill module fails the test."""
+    return lambda function, message: _forbid_everywhere(monkeypatch, function, message)

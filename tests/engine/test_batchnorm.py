@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipdistill.engine.batchnorm import RowBatchNorm2d, synchronize
+from clipdistill.engine.parallel.batchnorm import RowBatchNorm2d, synchronize
 from clipdistill.engine.prompts import ConvBNProjector
 
 _spec = importlib.util.spec_from_file_location("_gloo", Path(__file__).with_name("_gloo.py"))
@@ -133,7 +133,8 @@ def test_synchronize_converts_other_batch_norms_and_keeps_their_tensors():
 WORKER = r'''
 import json, os, sys
 import torch
-from clipdistill.engine.distributed import row_share, sum_gradients, sync_batch_norm
+from clipdistill.engine.parallel.batchnorm import sync_batch_norm
+from clipdistill.engine.parallel.launch import row_share, sum_gradients
 from clipdistill.engine.prompts import ConvBNProjector
 torch.distributed.init_process_group("gloo", init_method="env://")
 rank = torch.distributed.get_rank()

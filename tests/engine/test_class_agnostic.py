@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.engine.class_vectors import encode_class_names
+from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.config import ConfigError
 from clipdistill.engine.models import build_student, build_teacher, get_tokenizer
 from clipdistill.engine.prompts import build_learner
-from clipdistill.engine.step import DistillStep
-from clipdistill.engine.train import read_class_names
+from clipdistill.engine.distill.step import DistillStep
+from clipdistill.engine.io import read_class_names
 
 VOCAB = read_class_names("builtin:imagenet21k")[:40]
 
@@ -79,10 +79,10 @@ def test_ties_resolve_to_the_lower_index_every_time(parts):
 TOPK_WORKER = r'''
 import json, os, sys
 import torch
-from clipdistill.engine.class_vectors import encode_class_names
+from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.models import build_student, build_teacher, get_tokenizer
 from clipdistill.engine.prompts import build_learner
-from clipdistill.engine.step import DistillStep
+from clipdistill.engine.distill.step import DistillStep
 torch.distributed.init_process_group("gloo", init_method="env://")
 rank = torch.distributed.get_rank()
 case = json.load(open(sys.argv[1]))
@@ -130,7 +130,7 @@ def test_two_ranks_pick_the_same_classes_as_one_process(parts, tmp_path):
 
 
 def test_student_encodes_exactly_k_names(parts, monkeypatch):
-    from clipdistill.engine import towers
+    from clipdistill.engine.models import towers
 
     step = _step(parts, k=5)
     seen = []
@@ -186,9 +186,10 @@ def test_bad_k_is_refused(parts):
 def test_kdpl_ca_recipe_end_to_end_and_vocabulary_too_small(tmp_path):
     from PIL import Image
 
-    from clipdistill.engine.demo import render_image
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.train import Trainer, build_run
+    from clipdistill.engine.commands.demo import render_image
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.training.builder import build_run
+    from clipdistill.engine.training.trainer import Trainer
 
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()

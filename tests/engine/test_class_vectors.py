@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.engine.class_vectors import (
+from clipdistill.engine.models.class_vectors import (
     ClassVectorKey,
     ClassVectorKeyMismatch,
     cached_class_vectors,

@@ -30,7 +30,7 @@ def test_demo_distillation_raises_agreement(seed, tmp_path):
 def test_demo_data_is_deterministic_and_balanced():
     import numpy as np
 
-    from clipdistill.engine.demo import CLASSES, make_dataset
+    from clipdistill.engine.commands.demo import CLASSES, make_dataset
 
     a, ya = make_dataset(4, seed=3)
     b, yb = make_dataset(4, seed=3)

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipdistill.engine import checkpoint as ckpt
+from clipdistill.engine.training import checkpoint as ckpt
 from clipdistill.engine.config import ConfigError
-from clipdistill.engine.distributed import check_world, detect_launch, load_deepspeed_config
+from clipdistill.engine.parallel.launch import check_world, detect_launch
+from clipdistill.engine.parallel.zero import load_deepspeed_config
 
 _spec = importlib.util.spec_from_file_location("_gloo", Path(__file__).with_name("_gloo.py"))
 _gloo = importlib.util.module_from_spec(_spec)
@@ -101,7 +102,7 @@ def test_nvme_offload_without_libaio_is_refused_before_anything_starts(tmp_path,
     pytest.importorskip("deepspeed", reason="checks DeepSpeed's own op builder")
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    from clipdistill.engine.distributed import require_deepspeed
+    from clipdistill.engine.parallel.zero import require_deepspeed
 
     nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}}
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
@@ -113,7 +114,7 @@ def test_nvme_offload_without_libaio_is_refused_before_anything_starts(tmp_path,
 
 
 def test_missing_deepspeed_is_named(monkeypatch):
-    from clipdistill.engine.distributed import require_deepspeed
+    from clipdistill.engine.parallel.zero import require_deepspeed
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
@@ -122,7 +123,7 @@ def test_missing_deepspeed_is_named(monkeypatch):
 
 
 def test_teacher_precision_sets_the_deepspeed_dtype():
-    from clipdistill.engine.distributed import with_teacher_precision
+    from clipdistill.engine.parallel.zero import with_teacher_precision
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     base = {"zero_optimization": {"stage": 3}}
@@ -153,8 +154,8 @@ def test_more_ranks_than_samples_or_an_uneven_batch_is_refused():
 
 
 def test_distill_with_deepspeed_but_no_launcher_fails_plainly(tmp_path, shape_folder, monkeypatch):
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.train import build_run
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.training.builder import build_run
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -230,8 +231,8 @@ def _final_state(out_dir: Path) -> dict:
 
 
 def _run_in_process(cfg: dict) -> dict:
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.train import distill
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.training.trainer import distill
 
     return distill(load_run_config(cfg), log=lambda m: None)
 
@@ -493,8 +494,8 @@ def test_unequal_real_rows_per_rank_train_as_one_process(two_rank_runs, padded_d
 def test_teacher_cache_trains_data_parallel(two_rank_runs, tmp_path):
     """teacher.cache with 2 ranks (and the class-agnostic top-K): no teacher is loaded, so
     train.deepspeed has nothing to shard and says so; the ranks equal one process."""
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.teacher_cache import build_teacher_cache
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.training.teacher_cache import build_teacher_cache
 
     data, ds = two_rank_runs["data"], two_rank_runs["ds"]
     cache = tmp_path / "cache"
@@ -655,7 +656,7 @@ import json, os, sys
 import torch
 from clipdistill.engine.distributed import (build_sharded_tuned_teacher, detect_launch, init_process_group,
                                             load_deepspeed_config)
-from clipdistill.engine.tune_teacher import tuned_teacher_class_vectors
+from clipdistill.engine.models.tuned import tuned_teacher_class_vectors
 env = detect_launch()
 init_process_group(env, torch.device("cpu"))
 ds = load_deepspeed_config(sys.argv[1], micro_batch_size=2)
@@ -687,7 +688,7 @@ def tuned_teacher_file(shape_folder, tmp_path_factory) -> Path:
     """A PromptSRC-tuned tiny teacher (random init, 2 shots of each class, 2 epochs): vision prompts
     at 2 of the tower's 3 layers, so one layer runs unprompted."""
     from clipdistill.engine.models import TINY_TEACHER
-    from clipdistill.engine.tune_teacher import TuneSettings, tune_teacher
+    from clipdistill.engine.training.tune_teacher import TuneSettings, tune_teacher
 
     root = tmp_path_factory.mktemp("tuned_teacher")
     data = shape_folder("tuned_shots", CLASSES, 10, 40)
@@ -712,7 +713,7 @@ def test_each_rank_holds_half_of_every_tuned_teacher_parameter(tuned_teacher_fil
     teacher's; class vectors (for other names than the tuned ones) come from the tuned prompts on
     rank 0 only."""
     pytest.importorskip("deepspeed", reason="the distributed tier needs DeepSpeed: pip install -e '.[deepspeed]'")
-    from clipdistill.engine.tune_teacher import load_tuned_teacher, tuned_teacher_class_vectors
+    from clipdistill.engine.models.tuned import load_tuned_teacher, tuned_teacher_class_vectors
 
     (tmp_path / "worker.py").write_text(TUNED_SHARD_WORKER)
     ds = _ds_file(tmp_path, DS_CONFIG)

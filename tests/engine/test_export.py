@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from clipdistill.engine import export
-from clipdistill.engine.export import ExportError, export_student, load_export, read_distilled
+from clipdistill.engine.evaluation import export
+from clipdistill.engine.evaluation.export import ExportError, export_student, load_export, read_distilled
 
 _spec = importlib.util.spec_from_file_location("_eval_data", Path(__file__).with_name("_eval_data.py"))
 data = importlib.util.module_from_spec(_spec)
@@ -35,12 +35,13 @@ def world(tmp_path_factory):
 
 
 def run_cli(*argv) -> int:
-    from clipdistill.engine import evaluate
+    from clipdistill.engine.commands import evaluate
+    from clipdistill.engine.commands import export as export_command
 
     parser = argparse.ArgumentParser(prog="clipdistill")
     subparsers = parser.add_subparsers()
     evaluate.register(subparsers)
-    export.register(subparsers)
+    export_command.register(subparsers)
     args = parser.parse_args([str(a) for a in argv])
     return args.func(args)
 
@@ -97,17 +98,14 @@ def test_export_then_predict_equals_the_in_memory_student(world, capsys, kind, o
         torch.testing.assert_close(torch.tensor([t["score"] for t in line["top"]]), scores, rtol=1e-5, atol=1e-6)
 
 
-def test_predict_loads_no_teacher(world, capsys, tmp_path, monkeypatch):
+def test_predict_loads_no_teacher(world, capsys, tmp_path, forbid):
     checkpoint, _ = world.distilled("promptkd", {"n_ctx": 2, "depth": 2}, out="run_noteacher")
     out = tmp_path / "pkd.safetensors"
     assert run_cli("export", checkpoint, "--out", out, "--device", "cpu") == 0
     capsys.readouterr()
-    import clipdistill.engine.models as models
+    from clipdistill.engine.models.clip import build_teacher
 
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("predict must not load the teacher")
-
-    monkeypatch.setattr(models, "build_teacher", no_teacher)
+    forbid(build_teacher, "predict must not load the teacher")
     images = sorted(str(p) for p in world.unlabeled.glob("*.png"))[:2]
     lines = _predict_lines(capsys, *images, "--model", out, "--top-k", "1")
     assert [line["image"] for line in lines] == images
@@ -116,7 +114,7 @@ def test_predict_loads_no_teacher(world, capsys, tmp_path, monkeypatch):
 
 def test_self_contained_export_of_a_random_init_student(world, tmp_path):
     """A student without weights (random init) can be exported only with its backbone inside."""
-    from clipdistill.engine.export import construct_learner
+    from clipdistill.engine.evaluation.export import construct_learner
     from clipdistill.engine.models import build_student, get_tokenizer
 
     torch.manual_seed(11)
@@ -222,7 +220,8 @@ def test_refuses_files_that_are_not_exports(world, coop_export, tmp_path):
 def test_refuses_class_specific_context_for_other_names(world):
     checkpoint, _ = world.distilled("coop", {"n_ctx": 2, "class_specific": True}, out="run_csc")
     distilled = read_distilled(checkpoint)
-    from clipdistill.engine.export import build_backbone, build_learner
+    from clipdistill.engine.evaluation.export import build_backbone
+    from clipdistill.engine.evaluation.export import rebuild_learner as build_learner
 
     clip = build_backbone(distilled)
     assert build_learner(distilled, clip, class_names=data.CLASS_NAMES) is not None

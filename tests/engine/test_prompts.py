@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.engine import prompts as P
-from clipdistill.engine.towers import TextTower, encode_image
+from clipdistill.engine import prompts as P  # the package re-exports every learner
+from clipdistill.engine.models.towers import TextTower, encode_image
 
 TEACHER_DIM = 48
 

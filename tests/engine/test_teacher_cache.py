@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.engine.recipes import load_run_config
-from clipdistill.engine.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache
-from clipdistill.engine.train import Trainer, build_run
+from clipdistill.engine.config.run import load_run_config
+from clipdistill.engine.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache
+from clipdistill.engine.training.builder import build_run
+from clipdistill.engine.training.trainer import Trainer
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -92,13 +93,10 @@ def test_cached_loss_equals_online_loss_for_the_same_view(cache_dir, data_dir, t
     assert loss_cached.item() == pytest.approx(loss_online.item(), rel=2e-3, abs=1e-4)
 
 
-def test_training_from_the_cache_never_loads_the_teacher(cache_dir, data_dir, tmp_path, monkeypatch):
-    from clipdistill.engine import models
+def test_training_from_the_cache_never_loads_the_teacher(cache_dir, data_dir, tmp_path, forbid):
+    from clipdistill.engine.models.clip import build_teacher
 
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("the teacher model was loaded")
-
-    monkeypatch.setattr(models, "build_teacher", no_teacher)
+    forbid(build_teacher, "the teacher model was loaded")
     cfg = load_run_config(_config(data_dir, tmp_path, max_steps=4), [f"teacher.cache={cache_dir}"])
     run = build_run(cfg, log=lambda m: None)
     summary = Trainer(run, log=lambda m: None).fit()

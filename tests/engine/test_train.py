@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.engine import checkpoint as ckpt
+from clipdistill.engine.training import checkpoint as ckpt
 from clipdistill.engine.config import ConfigError
-from clipdistill.engine.recipes import load_run_config
-from clipdistill.engine.train import NonFiniteLossError, Trainer, build_run, distill, lr_at
+from clipdistill.engine.config.run import load_run_config
+from clipdistill.engine.training.builder import build_run
+from clipdistill.engine.training.schedule import lr_at
+from clipdistill.engine.training.trainer import NonFiniteLossError, Trainer, distill
 
 CLASSES = ["circle", "square", "triangle", "cross", "ring"]
 
@@ -239,7 +241,7 @@ def test_folder_without_valid_images_is_a_clear_error(data_dir, tmp_path):
 
 
 def test_teacher_class_vectors_of_another_dimension_are_refused(data_dir, tmp_path):
-    from clipdistill.engine.step import DistillStep
+    from clipdistill.engine.distill.step import DistillStep
 
     run = build_run(load_run_config(_config(data_dir, tmp_path)), log=lambda m: None)
     with pytest.raises(ValueError, match=r"dimension 7 but the teacher's image features have 48"):
@@ -321,10 +323,10 @@ def test_sigkill_then_resume_equals_uninterrupted(data_dir, tmp_path):
 
 
 def _embedding_parts(data_dir, tmp_path):
-    from clipdistill.engine.class_vectors import encode_class_names
+    from clipdistill.engine.models.class_vectors import encode_class_names
     from clipdistill.engine.models import build_student, build_teacher, get_tokenizer
     from clipdistill.engine.prompts import build_learner
-    from clipdistill.engine.step import DistillStep
+    from clipdistill.engine.distill.step import DistillStep
 
     torch.manual_seed(0)
     teacher = build_teacher("clipdistill-tiny-teacher", None)

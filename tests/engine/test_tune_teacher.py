@@ -19,22 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.engine.demo import CLASSES, STUDENT_WORDS, make_dataset, pretrain_clip, render_image, to_tensor
+from clipdistill.engine.commands.demo import CLASSES, STUDENT_WORDS, make_dataset, pretrain_clip, render_image, to_tensor
 from clipdistill.engine.models import TINY_TEACHER, get_tokenizer, load_clip
 from clipdistill.engine.prompts import build_learner
-from clipdistill.engine.tune_teacher import (
-    FORMAT,
-    TunedTeacher,
+from clipdistill.engine.commands.tune_teacher import register
+from clipdistill.engine.models.tuned import FORMAT, TunedTeacher, load_tuned_teacher, read_tuned_header
+from clipdistill.engine.training.tune_teacher import (
     TuneSettings,
     TuneTeacherInputError,
     draw_shots,
     labeled_accuracy,
-    load_tuned_teacher,
-    read_tuned_header,
-    register,
     tune_teacher,
-    tuned_teacher_class_vectors,
 )
+from clipdistill.engine.models.tuned import tuned_teacher_class_vectors
 
 SIDE = 32  # the tiny teacher's input size
 SMALL_PROMPTS = {"n_text_ctx": 4, "text_depth": 3, "n_vision_ctx": 4, "vision_depth": 3}  # 3-layer towers
@@ -71,7 +68,7 @@ def shapes(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     clip = load_clip(TINY_TEACHER, None)
     images, labels = make_dataset(40, seed=5)
-    from clipdistill.engine.train import _image_preprocess
+    from clipdistill.engine.io import image_spec as _image_preprocess
 
     size, mean, std = _image_preprocess(clip)
     pretrain_clip(clip, get_tokenizer(TINY_TEACHER), to_tensor(images, size, mean, std), torch.from_numpy(labels),
@@ -255,7 +252,7 @@ def test_class_vectors_come_from_the_loaded_prompts_once(tuned, shapes):
 
 
 def test_tuned_teacher_is_frozen_and_serves_the_distill_step(tuned, student_clip):
-    from clipdistill.engine.step import DistillStep
+    from clipdistill.engine.distill.step import DistillStep
 
     teacher = load_tuned_teacher(tuned.path, device="cpu")
     assert isinstance(teacher, TunedTeacher)
@@ -323,18 +320,16 @@ def test_cli_tunes_and_refuses_short_classes(tmp_path, capsys):
     assert FORMAT == "clipdistill-tuned-teacher/1"
 
 
-def test_promptkd_distills_from_the_tuned_teacher_end_to_end(tuned, shapes, tmp_path, monkeypatch):
+def test_promptkd_distills_from_the_tuned_teacher_end_to_end(tuned, shapes, tmp_path, forbid):
     """`promptkd` with teacher.prompts: class vectors from the loaded tuned prompts, never the cache."""
     import numpy as np
 
-    from clipdistill.engine import class_vectors
-    from clipdistill.engine.recipes import load_run_config
-    from clipdistill.engine.train import Trainer, build_run
+    from clipdistill.engine.config.run import load_run_config
+    from clipdistill.engine.models.class_vectors import teacher_class_vectors
+    from clipdistill.engine.training.builder import build_run
+    from clipdistill.engine.training.trainer import Trainer
 
-    def no_cache(*args, **kwargs):
-        raise AssertionError("a tuned teacher's class vectors must not come from the class-vector cache")
-
-    monkeypatch.setattr(class_vectors, "teacher_class_vectors", no_cache)
+    forbid(teacher_class_vectors, "a tuned teacher's class vectors must not come from the class-vector cache")
     names = tmp_path / "classes.txt"
     names.write_text("\n".join(tuned.class_names) + "\n")
     config = {

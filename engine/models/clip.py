@@ -2,7 +2,7 @@
 
 Every engine module gets open_clip through :func:`import_open_clip`, which applies
 the CPU-only torchvision measure first and registers the tiny model configs that
-ship with the package (``engine/configs/*.json``) exactly once.
+ship with the package (``engine/config/models/*.json``) exactly once.
 
 Weights are named by ``weights``: ``None`` (random init, for tests and demos), an
 open_clip pretrained tag (``"openai"``, ``"dfn5b"``, ...) resolved through
@@ -21,7 +21,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from clipdistill.engine._torchvision_compat import ensure_torchvision_importable
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "models"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # The tiny configs shipped in engine/configs (a few million parameters, 32 px images, context
 # length 16) for tests and the demo; the teacher's embedding (48) differs from the student's (32).
@@ -35,8 +37,6 @@ def import_open_clip() -> ModuleType:
     """Import open_clip (after the torchvision compatibility measure) with our configs registered."""
     global _OPEN_CLIP
     if _OPEN_CLIP is None:
-        from clipdistill.engine._torchvision_compat import ensure_torchvision_importable
-
         ensure_torchvision_importable()
         import open_clip
 

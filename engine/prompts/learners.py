@@ -22,7 +22,6 @@ vocabulary. All classes are encoded in one batched call per step.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -31,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.engine.batchnorm import RowBatchNorm2d
-from clipdistill.engine.models import freeze, import_open_clip
-from clipdistill.engine.towers import TextTower, check_vision_tower, encode_image as _encode_image
+from clipdistill.engine.models.class_vectors import encode_class_names
+from clipdistill.engine.models.clip import freeze, import_open_clip
+from clipdistill.engine.models.towers import TextTower, check_vision_tower
+from clipdistill.engine.models.towers import encode_image as _encode_image
+from clipdistill.engine.parallel.batchnorm import RowBatchNorm2d
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 PLACEHOLDER = "X"  # CoOp's stand-in word for a learned context token
@@ -61,7 +62,19 @@ def scaled_logits(image_features: torch.Tensor, class_features: torch.Tensor, lo
 
 
 class PromptLearner(nn.Module):
-    """Base: a frozen CLIP plus trainable prompt tensors defined by subclasses."""
+    """Base: a frozen CLIP plus trainable prompt tensors defined by subclasses.
+
+    What a distillation step needs to know about a learner is declared here, not found out
+    with isinstance: ``class_vectors_per_image`` (class features (B, C, D), conditioned on each
+    image: the logits are formed explicitly), ``scores_against_teacher`` (no class vectors of its
+    own: features projected into the teacher's space, :meth:`project`, scored against the
+    teacher's class vectors) and ``regularizers`` (names of the learner's own loss parts,
+    :meth:`regularization`; they need the student's logits).
+    """
+
+    class_vectors_per_image: bool = False
+    scores_against_teacher: bool = False
+    regularizers: tuple[str, ...] = ()
 
     def __init__(self, clip: nn.Module):
         super().__init__()
@@ -113,6 +126,17 @@ class PromptLearner(nn.Module):
     ) -> torch.Tensor:
         """(C, D) normalized class features (or (B, C, D) for image-conditioned learners)."""
         raise NotImplementedError
+
+    def regularization(self, images: torch.Tensor, output: LearnerOutput,
+                       class_indices: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The learner's own named, unweighted loss parts (one per :attr:`regularizers`) for
+        ``output = self(images, class_indices)``; none by default."""
+        return {}
+
+    @property
+    def needs_logits(self) -> bool:
+        """The distillation loss must see explicit (B, C) logits (no fused shared-vector path)."""
+        return self.class_vectors_per_image or bool(self.regularizers)
 
     def forward(self, images: torch.Tensor, class_indices: Optional[torch.Tensor] = None) -> LearnerOutput:
         image_features = F.normalize(self.encode_image(images), dim=-1)
@@ -277,6 +301,8 @@ class CoCoOp(_TextPromptedLearner):
     Trainable: ``prompts.ctx`` and ``meta_net.*``.
     """
 
+    class_vectors_per_image = True
+
     def __init__(
         self,
         clip: nn.Module,
@@ -341,8 +367,6 @@ class _FixedClassVectors:
         self._cache: dict[torch.device, torch.Tensor] = {}
 
     def get(self, clip: nn.Module, class_indices: Optional[torch.Tensor]) -> torch.Tensor:
-        from clipdistill.engine.class_vectors import encode_class_names
-
         device = clip.logit_scale.device
         if device not in self._cache:
             self._cache[device] = encode_class_names(
@@ -495,6 +519,8 @@ class PromptSRC(IVLP):
     epochs: :class:`GaussianPromptAggregator`.
     """
 
+    regularizers = tuple(PROMPTSRC_LOSS_WEIGHTS)
+
     def __init__(
         self,
         clip: nn.Module,
@@ -530,6 +556,10 @@ class PromptSRC(IVLP):
             "scl_text": F.l1_loss(output.class_features, frozen_text),
             "scl_logits": F.kl_div(log_student, log_frozen, reduction="sum", log_target=True) / output.logits.numel(),
         }
+
+    def regularization(self, images: torch.Tensor, output: LearnerOutput,
+                       class_indices: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        return self.self_regularization(images, output, class_indices)
 
 
 class GaussianPromptAggregator:
@@ -617,6 +647,8 @@ class PromptKDStudent(PromptLearner):
     batch-norm statistics are part of :meth:`state_to_save`.
     """
 
+    scores_against_teacher = True
+
     def __init__(
         self,
         clip: nn.Module,
@@ -662,45 +694,3 @@ class PromptKDStudent(PromptLearner):
             image_features=image_features,
             class_features=class_vectors,
         )
-
-
-LEARNERS: dict[str, type[PromptLearner]] = {
-    "coop": CoOp,
-    "cocoop": CoCoOp,
-    "vpt": VPTDeep,
-    "maple": MaPLe,
-    "ivlp": IVLP,
-    "promptsrc": PromptSRC,
-    "promptkd": PromptKDStudent,
-}
-
-
-def build_learner(
-    name: str,
-    clip: nn.Module,
-    *,
-    tokenizer: Optional[Tokenizer] = None,
-    class_names: Optional[Sequence[str]] = None,
-    teacher_dim: Optional[int] = None,
-    templates: Optional[Sequence[str]] = None,
-    **options,
-) -> PromptLearner:
-    """Construct the learner called ``name`` (a key of :data:`LEARNERS`) from plain arguments.
-
-    Text-side learners need ``tokenizer`` and ``class_names``; PromptKD's student needs
-    ``teacher_dim``; learners with fixed prompts (VPT, PromptSRC's frozen reference) take
-    ``templates`` and the others ignore it; ``options`` are the learner's own keyword
-    arguments (n_ctx, depth, ...).
-    """
-    if name not in LEARNERS:
-        raise ValueError(f"unknown prompt learner {name!r}; choose one of {sorted(LEARNERS)}")
-    cls = LEARNERS[name]
-    if templates is not None and "templates" in inspect.signature(cls.__init__).parameters:
-        options = {**options, "templates": tuple(templates)}
-    if cls is PromptKDStudent:
-        if teacher_dim is None:
-            raise ValueError("promptkd needs teacher_dim, the teacher's embedding size")
-        return cls(clip, teacher_dim, **options)
-    if tokenizer is None or not class_names:
-        raise ValueError(f"{name} needs a tokenizer and class_names")
-    return cls(clip, tokenizer, class_names, **options)

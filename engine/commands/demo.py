@@ -1,0 +1,320 @@
+"""``clipdistill demo``: a complete, honest distillation on the CPU in a few minutes.
+
+There are no pretrained weights on a fresh machine, so the demo makes its own:
+
+1. **Data.** Images of a few visual classes are generated: a filled shape
+   (circle, square, triangle, cross, ring, bar) in a colour drawn around the
+   class's own hue, at a random position, size and angle, over a smooth noisy
+   background. Each class's images are split into a pretraining set, an
+   unlabeled distillation set (written as JPEG files: the engine's real loader
+   reads them) and a held-out set.
+2. **Teacher.** The tiny teacher config (``clipdistill-tiny-teacher``,
+   random init) is pretrained CLIP-style on the pretraining set: cross-entropy
+   between the image features and the text features of "a photo of a {name}."
+   for every class, both towers trained. It is saved as a safetensors
+   checkpoint and loaded back through the engine's own loading code.
+3. **Student.** The smaller student config (``clipdistill-tiny-student``) is
+   pretrained the same way, on half as many images for half as many steps,
+   and with captions that name the classes with other words (disc, box,
+   wedge, plus, loop, stick): its image features separate the classes, but
+   its zero-shot prompts with the target names ("a photo of a circle.") do not
+   point at them. This vocabulary mismatch is the situation prompt learning
+   exists for, made deliberately large so that the effect is visible.
+4. **Distillation.** ``clipdistill distill`` runs the KDPL recipe with the
+   student's backbone frozen and only its prompts trained, on the unlabeled
+   JPEGs: no label is used.
+5. **Report.** Teacher-student top-1 agreement and KL(teacher‖student) on the
+   held-out images before and after, the accuracies of both on the held-out
+   labels, and a one-line JSON summary last.
+
+The models are a few million parameters and the images 64 px: the demo shows
+the mechanics and that the distillation signal moves the student towards the
+teacher; it says nothing about accuracy on real data.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from clipdistill.engine.config.run import load_run_config
+from clipdistill.engine.io import image_spec
+from clipdistill.engine.models.clip import get_tokenizer, load_clip
+from clipdistill.engine.training.builder import build_run
+from clipdistill.engine.training.trainer import Trainer
+
+CLASSES = ("circle", "square", "triangle", "cross", "ring", "bar")
+# The words the student's pretraining captions use for the same classes (see the module docstring).
+STUDENT_WORDS = ("disc", "box", "wedge", "plus", "loop", "stick")
+_HUES = (0.0, 0.33, 0.62, 0.14, 0.8, 0.48)
+IMAGE_SIDE = 64
+TEMPLATE = "a photo of a {}."
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    def rot(points):
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+    if kind == "square":
+        return rot([(-r, -r), (r, -r), (r, r), (-r, r)])
+    if kind == "triangle":
+        return rot([(0, -r), (r * 0.95, r * 0.7), (-r * 0.95, r * 0.7)])
+    if kind == "bar":
+        return rot([(-r, -r * 0.3), (r, -r * 0.3), (r, r * 0.3), (-r, r * 0.3)])
+    if kind == "cross":
+        a, b = r, r * 0.33
+        return rot([(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
+                    (-a, -b), (-b, -b)])
+    raise ValueError(kind)
+
+
+def render_image(label: int, rng: np.random.Generator, side: int = IMAGE_SIDE) -> np.ndarray:
+    """One (side, side, 3) uint8 image of class ``label``."""
+    # Smooth background: low-resolution noise upsampled, plus fine grain.
+    low = rng.uniform(40, 200, size=(4, 4, 3)).astype(np.uint8)
+    background = np.asarray(Image.fromarray(low).resize((side, side), Image.BICUBIC), dtype=np.float32)
+    background += rng.normal(0, 8, size=background.shape)
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    kind = CLASSES[label]
+    colour = _hsv_to_rgb(_HUES[label] + rng.normal(0, 0.05), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    r = rng.uniform(0.2, 0.36) * side
+    cx, cy = rng.uniform(r, side - r), rng.uniform(r, side - r)
+    angle = rng.uniform(0, 2 * math.pi)
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r * 0.35)))
+    else:
+        draw.polygon(_shape_polygon(kind, cx, cy, r, angle), fill=colour)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def make_dataset(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, side, side, 3) uint8 images and (N,) int64 labels, classes interleaved."""
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(len(CLASSES)), n_per_class)
+    images = np.stack([render_image(int(y), rng) for y in labels])
+    return images, labels.astype(np.int64)
+
+
+def to_tensor(images: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalized float (N, 3, size, size), antialiased resize."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def write_jpegs(images: np.ndarray, folder: Path, quality: int = 92) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:05d}.jpg", quality=quality)
+
+
+# ------------------------------------------------------------------------------ pretraining
+
+
+def pretrain_clip(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, *, words: Sequence[str], steps: int,
+                  batch_size: int, lr: float, seed: int, logit_scale: float = 50.0) -> None:
+    """CLIP-style supervised pretraining of both towers against "a photo of a {word}." per class."""
+    torch.manual_seed(seed)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(logit_scale))
+    tokens = tokenizer([TEMPLATE.format(w) for w in words])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(images), (batch_size,), generator=generator)
+        x = images[idx]
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        image_features = F.normalize(model.encode_image(x), dim=-1)
+        text_features = F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp() * image_features @ text_features.t()
+        loss = F.cross_entropy(logits, labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def compare(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 agreement, mean KL(teacher‖student) and both accuracies on the same images."""
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    return {
+        "agreement": float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).float().mean()),
+        "kl": float((log_t.exp() * (log_t - log_s)).sum(-1).mean()),
+        "teacher_accuracy": float((teacher_logits.argmax(-1) == labels).float().mean()),
+        "student_accuracy": float((student_logits.argmax(-1) == labels).float().mean()),
+    }
+
+
+@torch.no_grad()
+def student_logits(learner, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    learner.eval()
+    return torch.cat([learner(images[i:i + batch_size]).logits.float() for i in range(0, len(images), batch_size)])
+
+
+# ------------------------------------------------------------------------------ the demo
+
+
+def run_demo(out_dir: str | Path, *, seed: int = 0, learner: str = "coop", distill_epochs: int = 30,
+             n_per_class: int = 160, log: Callable[[str], None] = print) -> dict:
+    """Run the whole demo in ``out_dir``; return the summary (also printed by the CLI)."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    teacher_name, student_name = "clipdistill-tiny-teacher", "clipdistill-tiny-student"
+    images, labels = make_dataset(n_per_class, seed)
+    n = len(images)
+    n_pre, n_unlabeled = int(0.4 * n), int(0.4 * n)
+    pre_x, pre_y = images[:n_pre], labels[:n_pre]
+    unlabeled = images[n_pre:n_pre + n_unlabeled]
+    held_x, held_y = images[n_pre + n_unlabeled:], torch.from_numpy(labels[n_pre + n_unlabeled:])
+    write_jpegs(unlabeled, out / "unlabeled")
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    log(f"demo: {len(CLASSES)} classes; {n_pre} pretraining, {n_unlabeled} unlabeled (JPEG), "
+        f"{len(held_x)} held-out images")
+
+    checkpoints = {}
+    for role, name, words, steps, subset in (
+        ("teacher", teacher_name, CLASSES, 600, n_pre),
+        ("student", student_name, STUDENT_WORDS, 150, n_pre // 2),
+    ):
+        model = load_clip(name, None)
+        size, mean, std = _preprocess(model)
+        x = to_tensor(pre_x[:subset], size, mean, std)
+        y = torch.from_numpy(pre_y[:subset])
+        t0 = time.perf_counter()
+        pretrain_clip(model, get_tokenizer(name), x, y, words=words, steps=steps, batch_size=64, lr=2e-3,
+                      seed=seed + 1)
+        path = out / f"{role}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        checkpoints[role] = path
+        log(f"demo: pretrained the {role} ({name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"parameters) for {steps} steps on {subset} labeled images in {time.perf_counter() - t0:.0f}s")
+
+    config = {
+        "recipe": "kdpl",
+        "teacher": {"name": teacher_name, "weights": str(checkpoints["teacher"])},
+        "student": {"name": student_name, "weights": str(checkpoints["student"])},
+        "learner": {"kind": learner, "options": _demo_learner_options(learner)},
+        "data": {"train": str(out / "unlabeled"), "class_names": str(out / "classes.txt"),
+                 "templates": "generic", "batch_size": 32, "backend": "torch", "workers": 0,
+                 "min_scale": 0.5, "interpolation": "bilinear"},
+        "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_steps": 5, "warmup_lr": None},
+        "train": {"epochs": distill_epochs, "seed": seed, "device": "cpu", "out_dir": str(out / "run"),
+                  "log_every": 5, "checkpoint_every": 50, "progress": False},
+    }
+    cfg = load_run_config(config)
+    run = build_run(cfg, log=log)
+    teacher = run.teacher
+    t_size, t_mean, t_std = _preprocess(teacher.model)
+    s_size, s_mean, s_std = _preprocess(run.learner.clip)
+    held_t = to_tensor(held_x, t_size, t_mean, t_std)
+    held_s = to_tensor(held_x, s_size, s_mean, s_std)
+    vectors = run.step.teacher_class_vectors
+    with torch.no_grad():
+        teacher_logits = run.step.student_logit_scale * teacher.encode_image(held_t) @ vectors.t()
+    before = compare(teacher_logits, student_logits(run.learner, held_s), held_y)
+    log("demo: before distillation: " + _fmt(before))
+    t0 = time.perf_counter()
+    Trainer(run, log=log).fit()
+    distill_seconds = time.perf_counter() - t0
+    after = compare(teacher_logits, student_logits(run.learner, held_s), held_y)
+    log(f"demo: after distillation ({distill_seconds:.0f}s, no labels): " + _fmt(after))
+    summary = {
+        "agreement_before": round(before["agreement"], 4),
+        "agreement_after": round(after["agreement"], 4),
+        "kl_before": round(before["kl"], 4),
+        "kl_after": round(after["kl"], 4),
+        "student_accuracy_before": round(before["student_accuracy"], 4),
+        "student_accuracy_after": round(after["student_accuracy"], 4),
+        "teacher_accuracy": round(before["teacher_accuracy"], 4),
+        "held_out_images": len(held_x),
+        "learner": learner,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _demo_learner_options(learner: str) -> dict:
+    return {
+        "coop": {"n_ctx": 4, "init_words": "a photo of a", "class_specific": True},
+        "vpt": {"n_tokens": 4, "depth": 3},
+        "maple": {"n_ctx": 2, "depth": 3},
+        "ivlp": {"n_text_ctx": 4, "text_depth": 3, "n_vision_ctx": 4, "vision_depth": 3},
+        "promptsrc": {"n_text_ctx": 4, "text_depth": 3, "n_vision_ctx": 4, "vision_depth": 3},
+        "cocoop": {"n_ctx": 4, "init_words": "a photo of a"},
+    }[learner]
+
+
+def _preprocess(model) -> tuple[int, tuple, tuple]:
+    return image_spec(model)
+
+
+def _fmt(m: dict) -> str:
+    return (f"agreement {m['agreement']:.3f}, KL(teacher||student) {m['kl']:.3f}, "
+            f"student accuracy {m['student_accuracy']:.3f}, teacher accuracy {m['teacher_accuracy']:.3f}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    summary = run_demo(args.out, seed=args.seed, learner=args.learner, distill_epochs=args.epochs,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(summary))
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo", help="generate data, pretrain a tiny teacher and student, distill on the CPU, report",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--out", default="demo_out", help="folder for images, checkpoints and the run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learner", default="coop", choices=["coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc"])
+    parser.add_argument("--epochs", type=int, default=30, help="distillation epochs over the unlabeled images")
+    parser.set_defaults(func=_cmd_demo)
+    return parser

@@ -1,0 +1,89 @@
+"""Small readers every command shares: class names, templates, devices, a model's image spec.
+
+A leaf: it imports only the config schema's error type, the shipped templates and the
+shipped vocabulary, never the training loop or a command, so any module may use it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from clipdistill.engine.config.schema import ConfigError
+from clipdistill.engine.templates import check_templates, templates_for
+from clipdistill.engine.vocabulary import BUILTIN_PREFIX, builtin_path
+
+# The normalization CLIP was trained with (open_clip's OPENAI_DATASET_MEAN/STD); used when a
+# model's image tower records none of its own.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_class_names(path: str | Path, *, what: str = "data.class_names") -> list[str]:
+    """One class name per line; empty lines and duplicates are errors naming their line numbers.
+
+    ``builtin:imagenet21k`` names the shipped concept vocabulary (see :mod:`.vocabulary`).
+    ``what`` names the setting or flag the path came from, for the error messages.
+    """
+    if str(path).startswith(BUILTIN_PREFIX):
+        try:
+            path = builtin_path(str(path)[len(BUILTIN_PREFIX):])
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {exc}") from exc
+    path = Path(path)
+    if not str(path) or not path.is_file():
+        raise ConfigError(f"{what}: class-name file {str(path)!r} does not exist (one class name per line)")
+    names, seen, problems = [], {}, []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        name = line.strip()
+        if not name:
+            problems.append(f"line {lineno} is empty")
+            continue
+        if name in seen:
+            problems.append(f"line {lineno} repeats {name!r} (first on line {seen[name]})")
+            continue
+        seen[name] = lineno
+        names.append(name)
+    if problems:
+        raise ConfigError(f"{what}: {path}: " + "; ".join(problems[:5])
+                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    if not names:
+        raise ConfigError(f"{what}: {path} holds no class names")
+    return names
+
+
+def read_templates(spec: str, *, what: str = "data.templates") -> list[str]:
+    """A shipped template set by name, or a file of templates (one per line, each with "{}")."""
+    if os.path.isfile(spec):
+        templates = [t.strip() for t in Path(spec).read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        try:
+            templates = list(templates_for(spec))
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"{what}: {spec!r} is neither a file nor a shipped template set ({exc})")
+    try:
+        check_templates(templates)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+    return templates
+
+
+def resolve_device(spec: str | torch.device | None, *, what: str = "train.device") -> torch.device:
+    """``auto`` (or None): CUDA when visible, else the CPU; otherwise the named device, which must exist."""
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}={str(spec)!r} but no CUDA device is available")
+    return device
+
+
+def image_spec(model: torch.nn.Module) -> tuple[int, tuple, tuple]:
+    """(side, mean, std) of a CLIP model's image input, read from its image tower."""
+    visual = model.visual
+    size = visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+    return size, mean, std

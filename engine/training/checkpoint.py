@@ -1,0 +1,193 @@
+"""Checkpoints without pickle: one safetensors file per checkpoint, JSON in its header.
+
+A checkpoint holds arbitrary nested state (trainable tensors and buffers, the
+optimizer's and scheduler's state dicts, RNG states, the loader's position,
+counters, the run's config). :func:`flatten_state` splits such a tree into a
+flat ``{name: tensor}`` mapping and a JSON skeleton where each tensor is
+replaced by a reference; both go into one ``.safetensors`` file (the skeleton in
+the header's metadata), so loading never unpickles anything.
+
+Writes are atomic: the file is written under a temporary name in the same
+folder, flushed and fsynced, then renamed over the final name and the folder
+fsynced. A crash leaves either the previous checkpoints or the new one, never a
+torn file. ``keep_last`` prunes older checkpoints only after the new one is in
+place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT = "clipdistill-checkpoint/1"
+_NAME = re.compile(r"^step-(\d{9})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run being resumed."""
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "s") -> tuple[Any, dict]:
+    """Split nested state into a JSON-able skeleton and a flat mapping of tensors."""
+    tensors = {} if tensors is None else tensors
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}, tensors
+    if isinstance(obj, np.ndarray):
+        key = prefix
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__ndarray__": key}, tensors
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten_state(v, tensors, f"{prefix}/{k}")[0] for k, v in obj.items()}, tensors
+        items = [[k, flatten_state(v, tensors, f"{prefix}/{i}")[0]] for i, (k, v) in enumerate(obj.items())]
+        return {"__dict__": items}, tensors
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, tensors, f"{prefix}/{i}")[0] for i, v in enumerate(obj)]}, tensors
+    if isinstance(obj, list):
+        return [flatten_state(v, tensors, f"{prefix}/{i}")[0] for i, v in enumerate(obj)], tensors
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        if isinstance(obj, float) and not np.isfinite(obj):
+            return {"__float__": repr(obj)}, tensors
+        return obj, tensors
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item(), tensors
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} in a checkpoint (only tensors and plain data)")
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__ndarray__" in skeleton:
+            return tensors[skeleton["__ndarray__"]].numpy()
+        if "__dict__" in skeleton:
+            return {_key(k): unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if "__float__" in skeleton:
+            return float(skeleton["__float__"])
+        return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def _key(k: Any) -> Any:
+    return tuple(k) if isinstance(k, list) else k
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from: Python, NumPy's global, torch CPU and each CUDA device."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"name": np_state[0], "keys": np_state[1].astype(np.int64), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"step-{step:09d}.safetensors"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(folder):
+        m = _NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), Path(entry.path)))
+    return sorted(found)
+
+
+def save_state(path: str | Path, state: dict) -> Path:
+    """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    skeleton, tensors = flatten_state(state)
+    # safetensors refuses tensors that share memory; each stored tensor gets its own storage.
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    metadata = {"format": FORMAT, "state": json.dumps(skeleton, allow_nan=False)}
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None) -> Path:
+    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    final = save_state(checkpoint_path(folder, step), state)
+    if keep_last is not None:
+        for _, old in list_checkpoints(folder)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (no pickle involved)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for torn/garbled files
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a clipdistill checkpoint (format {metadata.get('format')!r})")
+    return unflatten_state(json.loads(metadata["state"]), tensors)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
