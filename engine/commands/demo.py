@@ -49,9 +49,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from clipdistill.engine.config.run import load_run_config
+from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally
 from clipdistill.engine.io import image_spec
 from clipdistill.engine.models.clip import get_tokenizer, load_clip
 from clipdistill.engine.training.builder import build_run
+from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.engine.training.trainer import Trainer
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "bar")
@@ -147,11 +149,11 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, 
     with torch.no_grad():
         model.logit_scale.fill_(math.log(logit_scale))
     tokens = tokenizer([TEMPLATE.format(w) for w in words])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    params = list(model.parameters())
+    core = OptimizerCore(make_optimizer(params, name="adamw", lr=lr, weight_decay=0.05), params, base_lr=lr,
+                         total_steps=steps, warmup_steps=min(20, steps // 2), schedule="cosine")
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for _ in range(steps):
         idx = torch.randint(0, len(images), (batch_size,), generator=generator)
         x = images[idx]
         flip = torch.rand(batch_size, generator=generator) < 0.5
@@ -160,9 +162,7 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, 
         text_features = F.normalize(model.encode_text(tokens), dim=-1)
         logits = model.logit_scale.exp() * image_features @ text_features.t()
         loss = F.cross_entropy(logits, labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        core.backward(loss)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
     model.eval()
@@ -175,15 +175,20 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, 
 
 @torch.no_grad()
 def compare(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Top-1 agreement, mean KL(teacher‖student) and both accuracies on the same images."""
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    return {
-        "agreement": float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).float().mean()),
-        "kl": float((log_t.exp() * (log_t - log_s)).sum(-1).mean()),
-        "teacher_accuracy": float((teacher_logits.argmax(-1) == labels).float().mean()),
-        "student_accuracy": float((student_logits.argmax(-1) == labels).float().mean()),
-    }
+    """Top-1 agreement and KL(teacher‖student), and both accuracies, on the same images.
+
+    The engine's one tally (:mod:`clipdistill.engine.distill.metrics`): percentages, KL in nats.
+    """
+    agreement = AgreementTally()
+    agreement.update(teacher_logits, student_logits)
+    accuracy = {}
+    for name, logits in (("teacher", teacher_logits), ("student", student_logits)):
+        tally = TopOneTally(logits.shape[1])
+        tally.update(logits, labels)
+        accuracy[name] = tally.result()["top1"]
+    result = agreement.result()
+    return {"agreement": result["agreement"], "kl": result["kl"], "teacher_accuracy": accuracy["teacher"],
+            "student_accuracy": accuracy["student"]}
 
 
 @torch.no_grad()
@@ -264,13 +269,13 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, learner: str = "coop", disti
     after = compare(teacher_logits, student_logits(run.learner, held_s), held_y)
     log(f"demo: after distillation ({distill_seconds:.0f}s, no labels): " + _fmt(after))
     summary = {
-        "agreement_before": round(before["agreement"], 4),
-        "agreement_after": round(after["agreement"], 4),
+        "agreement_before": round(before["agreement"], 2),  # percent, as every clipdistill tally
+        "agreement_after": round(after["agreement"], 2),
         "kl_before": round(before["kl"], 4),
         "kl_after": round(after["kl"], 4),
-        "student_accuracy_before": round(before["student_accuracy"], 4),
-        "student_accuracy_after": round(after["student_accuracy"], 4),
-        "teacher_accuracy": round(before["teacher_accuracy"], 4),
+        "student_accuracy_before": round(before["student_accuracy"], 2),
+        "student_accuracy_after": round(after["student_accuracy"], 2),
+        "teacher_accuracy": round(before["teacher_accuracy"], 2),
         "held_out_images": len(held_x),
         "learner": learner,
         "seed": seed,
@@ -296,8 +301,8 @@ def _preprocess(model) -> tuple[int, tuple, tuple]:
 
 
 def _fmt(m: dict) -> str:
-    return (f"agreement {m['agreement']:.3f}, KL(teacher||student) {m['kl']:.3f}, "
-            f"student accuracy {m['student_accuracy']:.3f}, teacher accuracy {m['teacher_accuracy']:.3f}")
+    return (f"agreement {m['agreement']:.1f}%, KL(teacher||student) {m['kl']:.3f}, "
+            f"student accuracy {m['student_accuracy']:.1f}%, teacher accuracy {m['teacher_accuracy']:.1f}%")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -40,9 +40,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
+from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally
 from clipdistill.engine.models.clip import import_open_clip
 from clipdistill.engine.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
                                                     save_checkpoint)
+from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.kernels.kd_loss import kd_loss
 
 log = logging.getLogger(__name__)
@@ -168,8 +170,8 @@ def distill(
     )
     total = max(1, epochs * len(loader))
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    core = OptimizerCore(make_optimizer(trainable, name="adamw", lr=lr, weight_decay=weight_decay), trainable,
+                         base_lr=lr, total_steps=total, schedule="cosine")
     views = torch.Generator().manual_seed(seed + 1)
     history = []
     student.train()
@@ -180,10 +182,7 @@ def distill(
                 images = random_views(images, views).to(device)
                 parts = distill_losses(student, teacher, images, temperature=temperature, feature_weight=feature_weight)
                 loss = sum(parts.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+                core.backward(loss)
                 record = {k: float(v.detach()) for k, v in parts.items()}
                 history.append(record)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -196,31 +195,27 @@ def distill(
 def agreement(student: DataFreeStudent, teacher, dataset, *, batch_size: int = 64) -> dict:
     """How closely the student follows the teacher on ``dataset`` (a :class:`SyntheticImages`).
 
-    Returns ``top1_agreement`` (the share of images where both pick the same class),
-    ``kl_teacher_student`` (mean KL(p_t || p_s) over images, both at the student's logit scale:
-    what distillation minimizes, and a finer measure than top-1 when the teacher's distribution is
-    flat), and each one's ``..._matches_prompt_class`` (top-1 against the class the image was
-    synthesized for).
+    The engine's one tally (:mod:`clipdistill.engine.distill.metrics`): ``agreement`` (percent of
+    images where both pick the same class), ``kl`` (mean KL(p_t || p_s) in nats per image, both at
+    the student's logit scale: what distillation minimizes, and a finer measure than top-1 when the
+    teacher's distribution is flat), ``images``, and each one's ``..._prompt_class_top1`` (percent
+    top-1 against the class the image was synthesized for).
     """
     side, _, _ = teacher_input_spec(teacher)
     device = student.class_vectors.device
     student.eval()
-    agree = teacher_right = student_right = n = 0
-    kl_sum = 0.0
+    tally = AgreementTally()
+    prompt_class = {"teacher": TopOneTally(student.class_vectors.shape[0]),
+                    "student": TopOneTally(student.class_vectors.shape[0])}
     for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images, labels = images.to(device), labels.to(device)
         teacher_features = teacher_image_features(teacher, resize_to(images, side))
-        log_p_t = F.log_softmax(student.logit_scale * teacher_features @ student.class_vectors.t(), dim=-1)
-        log_p_s = F.log_softmax(student.logits(images).float(), dim=-1)
-        kl_sum += float((log_p_t.exp() * (log_p_t - log_p_s)).sum())
-        teacher_top, student_top = log_p_t.argmax(-1), log_p_s.argmax(-1)
-        agree += int((teacher_top == student_top).sum())
-        teacher_right += int((teacher_top == labels).sum())
-        student_right += int((student_top == labels).sum())
-        n += labels.shape[0]
-    return {"top1_agreement": agree / n, "kl_teacher_student": kl_sum / n,
-            "teacher_matches_prompt_class": teacher_right / n, "student_matches_prompt_class": student_right / n,
-            "n_images": n}
+        teacher_logits = student.logit_scale * teacher_features @ student.class_vectors.t()
+        student_logits = student.logits(images).float()
+        tally.update(teacher_logits, student_logits)
+        prompt_class["teacher"].update(teacher_logits, labels)
+        prompt_class["student"].update(student_logits, labels)
+    return {**tally.result(), **{f"{who}_prompt_class_top1": t.result()["top1"] for who, t in prompt_class.items()}}
 
 
 def save_student(folder: Union[str, Path], student: DataFreeStudent, *, step: int, extra: Optional[dict] = None) -> Path:

@@ -118,8 +118,8 @@ class DistillStep(nn.Module):
         if teacher_class_vectors.dim() != 2:
             raise ValueError(f"teacher_class_vectors must be (C, D_t), got shape {tuple(teacher_class_vectors.shape)}")
         if recipe == "promptkd" and not student.scores_against_teacher:
-            raise ValueError(f"recipe 'promptkd' needs a learner scored against the teacher's class vectors "
-                             f"(PromptKDStudent), got {type(student).__name__}")
+            raise ValueError(f"recipe 'promptkd' needs a PromptKDStudent learner (one scored against the "
+                             f"teacher's class vectors), got {type(student).__name__}")
         if recipe == "kdpl" and student.scores_against_teacher:
             raise ValueError(f"recipe 'kdpl' needs a learner with its own class vectors, not {type(student).__name__}")
         if top_k is not None:

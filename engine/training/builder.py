@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from clipdistill.engine.config.run import RunConfig
 from clipdistill.engine.config.schema import ConfigError
@@ -24,11 +25,13 @@ from clipdistill.engine.models.clip import build_student, build_teacher, get_tok
 from clipdistill.engine.models.tuned import load_tuned_teacher, read_tuned_header, tuned_teacher_class_vectors
 from clipdistill.engine.parallel import launch, zero
 from clipdistill.engine.parallel.batchnorm import sync_batch_norm
+from clipdistill.engine.prompts.learners import PromptLearner
 from clipdistill.engine.prompts.registry import build_learner
+from clipdistill.engine.training.data import heldout_transform, image_loader, training_transform
 from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCache, run_key
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import resolve_source
-from clipdistill.loaders.views import CenterCrop, RandomResizedCrop, ReplayViews
+from clipdistill.loaders.views import ReplayViews
 
 
 @dataclass
@@ -37,24 +40,53 @@ class Run:
 
     config: RunConfig
     device: torch.device
-    teacher: Any
-    learner: Any
-    step: Any  # DistillStep
-    loader: Any  # ImageLoader
+    teacher: nn.Module  # Teacher, TunedTeacher, ShardedTeacher, or CachedTeacher (features from a cache)
+    learner: PromptLearner
+    step: DistillStep
+    loader: ImageLoader
     class_names: list[str]
     teacher_input: Optional[str]  # name in Batch.images, or None when the features come from a cache
     student_input: str
     autocast_dtype: Optional[torch.dtype]
-    heldout_loader: Any = None  # ImageLoader over the held-out unlabeled images (center views), or None
-    feature_cache: Any = None  # TeacherCache when teacher.cache is set: teacher features are looked up
+    heldout_loader: Optional[ImageLoader] = None  # held-out unlabeled images (center views), or None
+    feature_cache: Optional[TeacherCache] = None  # set with teacher.cache: teacher features are looked up
     owns_process_group: bool = False  # build_run joined the launcher's process group (distill() leaves it)
+
+
+@dataclass
+class _Placement:
+    """Where the run executes: its device, rank and world, DeepSpeed's config, a joined group."""
+
+    device: torch.device
+    rank: int
+    world: int
+    ds_config: Optional[dict]
+    owns_group: bool
+
+
+def _place(cfg: RunConfig) -> _Placement:
+    """Resolve the device and, under a launcher, join the process group (engine/parallel/)."""
+    device = resolve_device(cfg.train.device)
+    ds_config = None
+    if cfg.train.deepspeed:
+        ds_config = zero.load_deepspeed_config(cfg.train.deepspeed, micro_batch_size=cfg.data.batch_size)
+        ds_config = zero.with_teacher_precision(ds_config, cfg.teacher.precision, device)
+        zero.require_deepspeed(ds_config)
+    launch_env = launch.detect_launch(required=ds_config is not None,
+                                      reason="train.deepspeed is set, and DeepSpeed runs one process per device.")
+    owns_group = False
+    if launch_env is not None:
+        device = launch.rank_device(device, launch_env)
+        owns_group = launch.init_process_group(launch_env, device)
+    rank, world = launch.rank_and_world()
+    if world > 1:
+        launch.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=None)
+    return _Placement(device, rank, world, ds_config, owns_group)
 
 
 def _cached_teacher(cfg: RunConfig, class_names: list[str], templates: list[str], device: torch.device,
                     lists: str):
     """The teacher cache checked against the run, its stand-in teacher, the class vectors, the image list."""
-
-
     cache = TeacherCache(cfg.teacher.cache)
     samples = resolve_source(cfg.data.train, cache_dir=lists)
     k = cache.key  # the teacher's input spec is the cache's own: the teacher model is not loaded to compare
@@ -71,91 +103,97 @@ def _cached_teacher(cfg: RunConfig, class_names: list[str], templates: list[str]
     return CachedTeacher(cache).to(device), vectors, cache, samples
 
 
+def _tuned_teacher(cfg: RunConfig, class_names: list[str], where: _Placement) -> tuple[nn.Module, torch.Tensor]:
+    """PromptKD: the tuned teacher and the class vectors of its tuned prompts, computed once after
+    loading them (never from the class-vector cache, whose key does not cover the prompts)."""
+    tuned_on = read_tuned_header(cfg.teacher.prompts)["teacher"]["name"]
+    if tuned_on != cfg.teacher.name:
+        raise ConfigError(f"teacher.prompts {cfg.teacher.prompts!r} were tuned on {tuned_on!r}, "
+                          f"but teacher.name is {cfg.teacher.name!r}")
+    if where.ds_config is not None:
+        return zero.build_sharded_tuned_teacher(
+            cfg.teacher.prompts, where.ds_config, device=where.device,
+            class_vectors=lambda tuned: tuned_teacher_class_vectors(tuned, class_names))
+    teacher = load_tuned_teacher(cfg.teacher.prompts, device=where.device, precision=cfg.teacher.precision)
+    return teacher, tuned_teacher_class_vectors(teacher, class_names)
+
+
+def _live_teacher(cfg: RunConfig, class_names: list[str], templates: list[str],
+                  where: _Placement) -> tuple[nn.Module, torch.Tensor]:
+    """The frozen teacher (sharded with train.deepspeed) and its class vectors (cached on disk)."""
+    cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
+
+    def class_vectors(live_teacher) -> torch.Tensor:
+        return teacher_class_vectors(live_teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
+                                     model_name=cfg.teacher.name, weights=cfg.teacher.weights,
+                                     cache_dir=cache, device=where.device)
+
+    if where.ds_config is not None:
+        return zero.build_sharded_teacher(cfg.teacher.name, cfg.teacher.weights, where.ds_config,
+                                          device=where.device, class_vectors=class_vectors, seed=cfg.train.seed)
+    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=where.device,
+                            precision=cfg.teacher.precision)
+    # Computed (and cached) on rank 0 only, then shared; a plain call in a single process.
+    return teacher, launch.broadcast_from_rank0(lambda: class_vectors(teacher), where.device)
+
+
+def _student(cfg: RunConfig, class_names: list[str], templates: list[str], teacher_dim: int,
+             where: _Placement) -> PromptLearner:
+    # Seeded again: the student's random parts (prompts; a random-init backbone in tests) must not
+    # depend on whether the teacher was built, loaded from tuned prompts or replaced by a cache.
+    torch.manual_seed(cfg.train.seed + 1)
+    student_clip = build_student(cfg.student.name, cfg.student.weights, device=where.device,
+                                 precision=cfg.student.precision or "fp32")
+    learner = build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
+                            class_names=class_names, templates=templates, teacher_dim=teacher_dim,
+                            **cfg.learner.options).to(where.device)
+    if where.world > 1:
+        learner = sync_batch_norm(learner)  # PromptKD's projector BN sees the global batch
+    return learner
+
+
+def _outputs(student_clip: nn.Module, teacher: Optional[nn.Module]) -> tuple[list[OutputSpec], Optional[str]]:
+    """The loader's outputs (the student's resolution, the teacher's when it differs) and the teacher's
+    input name (None when its features come from a cache)."""
+    s_size, s_mean, s_std = image_spec(student_clip)
+    outputs = [OutputSpec("student", s_size, s_mean, s_std)]
+    if teacher is None:
+        return outputs, None
+    spec = image_spec(teacher.model)
+    if spec == (s_size, s_mean, s_std):
+        return outputs, "student"
+    return outputs + [OutputSpec("teacher", *spec)], "teacher"
+
+
 def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
-    """Turn a config into models, class vectors, the step and the loader (the one builder)."""
-
-
-    device = resolve_device(cfg.train.device)
+    """Turn a config into models, class vectors, the step and the loaders (the one builder)."""
     class_names = read_class_names(cfg.data.class_names)
     templates = read_templates(cfg.data.templates)
     if not cfg.data.train:
         raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
-    # Several processes only under a launcher (engine/parallel/); without one nothing changes.
-    ds_config = None
-    if cfg.train.deepspeed:
-        ds_config = zero.load_deepspeed_config(cfg.train.deepspeed, micro_batch_size=cfg.data.batch_size)
-        ds_config = zero.with_teacher_precision(ds_config, cfg.teacher.precision, device)
-        zero.require_deepspeed(ds_config)
-    launch_env = launch.detect_launch(required=ds_config is not None,
-                                      reason="train.deepspeed is set, and DeepSpeed runs one process per device.")
-    owns_group = False
-    if launch_env is not None:
-        device = launch.rank_device(device, launch_env)
-        owns_group = launch.init_process_group(launch_env, device)
-    rank, world = launch.rank_and_world()
-    if world > 1:
-        launch.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=None)
-
+    where = _place(cfg)
+    device, rank, world = where.device, where.rank, where.world
     torch.manual_seed(cfg.train.seed)
     feature_cache = None
     lists = str(Path(cfg.train.out_dir) / "lists")
     source = cfg.data.train
     if cfg.teacher.cache:
         teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, lists)
-        if ds_config is not None:
+        if where.ds_config is not None:
             log("clipdistill: teacher.cache holds the teacher's features, so no teacher is loaded and "
                 "train.deepspeed has nothing to shard; the ranks train data-parallel")
-            ds_config = None
+            where.ds_config = None
     elif cfg.teacher.prompts:
-        # PromptKD: the class vectors come from the tuned prompts, computed once after loading them
-        # (never from the class-vector cache, whose key does not cover the prompts).
-
-        tuned_on = read_tuned_header(cfg.teacher.prompts)["teacher"]["name"]
-        if tuned_on != cfg.teacher.name:
-            raise ConfigError(f"teacher.prompts {cfg.teacher.prompts!r} were tuned on {tuned_on!r}, "
-                              f"but teacher.name is {cfg.teacher.name!r}")
-        if ds_config is not None:
-            teacher, vectors = zero.build_sharded_tuned_teacher(
-                cfg.teacher.prompts, ds_config, device=device,
-                class_vectors=lambda tuned: tuned_teacher_class_vectors(tuned, class_names))
-        else:
-            teacher = load_tuned_teacher(cfg.teacher.prompts, device=device, precision=cfg.teacher.precision)
-            vectors = tuned_teacher_class_vectors(teacher, class_names)
+        teacher, vectors = _tuned_teacher(cfg, class_names, where)
     else:
-        cache = cfg.train.class_vector_cache or str(Path(cfg.train.out_dir) / "class_vectors")
-
-        def class_vectors(live_teacher) -> torch.Tensor:
-            return teacher_class_vectors(live_teacher, get_tokenizer(cfg.teacher.name), class_names, templates,
-                                         model_name=cfg.teacher.name, weights=cfg.teacher.weights,
-                                         cache_dir=cache, device=device)
-
-        if ds_config is not None:
-            teacher, vectors = zero.build_sharded_teacher(
-                cfg.teacher.name, cfg.teacher.weights, ds_config, device=device, class_vectors=class_vectors,
-                seed=cfg.train.seed)
-        else:
-            teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device,
-                                    precision=cfg.teacher.precision)
-            # Computed (and cached) on rank 0 only, then shared; a plain call in a single process.
-            vectors = launch.broadcast_from_rank0(lambda: class_vectors(teacher), device)
-    # Seeded again: the student's random parts (prompts; a random-init backbone in tests) must not
-    # depend on whether the teacher was built, loaded from tuned prompts or replaced by a cache.
-    torch.manual_seed(cfg.train.seed + 1)
-    student_clip = build_student(cfg.student.name, cfg.student.weights, device=device,
-                                 precision=cfg.student.precision or "fp32")
+        teacher, vectors = _live_teacher(cfg, class_names, templates, where)
     teacher_dim = int(vectors.shape[1])
-    student_dim = int(student_clip.visual.output_dim)
-    learner = build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
-                            class_names=class_names, templates=templates, teacher_dim=teacher_dim,
-                            **cfg.learner.options).to(device)
-    if world > 1:
-        learner = sync_batch_norm(learner)  # PromptKD's projector BN sees the global batch
-    if cfg.method == "kdpl":
-        log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
-            f"(D={student_dim}), learner {cfg.learner.kind}, {len(class_names)} classes")
-    else:
-        log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
-            f"(D={student_dim}) projected to D={teacher_dim}, {len(class_names)} classes")
+    learner = _student(cfg, class_names, templates, teacher_dim, where)
+    student_dim = int(learner.clip.visual.output_dim)
+    projected = "" if cfg.method == "kdpl" else f" projected to D={teacher_dim}"
+    detail = f", learner {cfg.learner.kind}" if cfg.method == "kdpl" else ""
+    log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
+        f"(D={student_dim}){projected}{detail}, {len(class_names)} classes")
     if cfg.loss.top_k is not None and cfg.loss.top_k > len(class_names):
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} exceeds the {len(class_names)} names of "
                           f"data.class_names={cfg.data.class_names!r}")
@@ -165,50 +203,31 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         reduction=cfg.loss.reduction, temperature_squared=cfg.loss.temperature_squared,
         kd_weight=cfg.loss.kd_weight, promptsrc_weights=cfg.loss.promptsrc_weights, loss_backend=cfg.loss.backend,
     )
-
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-
-    s_size, s_mean, s_std = image_spec(student_clip)
-    outputs = [OutputSpec("student", s_size, s_mean, s_std)]
-    teacher_input: Optional[str] = "student"
-    if feature_cache is not None:
-        teacher_input = None  # the teacher's features come from the cache: no teacher-resolution images
-    else:
-        t_size, t_mean, t_std = image_spec(teacher.model)
-        if (t_size, t_mean, t_std) != (s_size, s_mean, s_std):
-            outputs.append(OutputSpec("teacher", t_size, t_mean, t_std))
-            teacher_input = "teacher"
+    dtype = torch.bfloat16 if autocast_dtype is not None else torch.float32
+    outputs, teacher_input = _outputs(learner.clip, None if feature_cache is not None else teacher)
     heldout_loader = None
     if cfg.data.holdout_fraction > 0:
-
-
         source, heldout = holdout_split(resolve_source(cfg.data.train, cache_dir=lists), cfg.data.holdout_fraction,
                                         seed=cfg.train.seed)
-        heldout_loader = ImageLoader(
-            heldout, global_batch_size=cfg.data.batch_size, outputs=outputs, transform=CenterCrop(),
-            seed=cfg.train.seed, backend=cfg.data.backend, device=device,
-            dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
-            interpolation=cfg.data.interpolation, precheck=cfg.data.precheck, rank=rank, world_size=world,
-        )
+        heldout_loader = image_loader(heldout, cfg.data, outputs=outputs, transform=heldout_transform(),
+                                      seed=cfg.train.seed, device=device, dtype=dtype, rank=rank, world_size=world)
         log(f"clipdistill: {len(heldout)} unlabeled images held out for model selection "
             f"(train.select_metric={cfg.train.select_metric})")
-    loader = ImageLoader(
-        source, global_batch_size=cfg.data.batch_size, outputs=outputs,
-        transform=RandomResizedCrop(scale=(cfg.data.min_scale, cfg.data.max_scale), flip=cfg.data.flip),
-        seed=cfg.train.seed, backend=cfg.data.backend, device=device,
-        dtype=torch.bfloat16 if autocast_dtype is not None else torch.float32, workers=cfg.data.workers,
-        interpolation=cfg.data.interpolation, precheck=cfg.data.precheck, cache_dir=lists,
-        replay=ReplayViews(feature_cache.num_views) if feature_cache is not None else None,
-        rank=rank, world_size=world,
-    )
+    loader = image_loader(source, cfg.data, outputs=outputs, transform=training_transform(cfg.data),
+                          seed=cfg.train.seed, device=device, dtype=dtype, cache_dir=lists,
+                          replay=ReplayViews(feature_cache.num_views) if feature_cache is not None else None,
+                          rank=rank, world_size=world)
     if world > 1:
         launch.check_world(world, global_batch_size=cfg.data.batch_size, num_samples=len(loader.samples))
         log(f"clipdistill: rank {rank} of {world}: {cfg.data.batch_size // world} of every {cfg.data.batch_size} "
             f"images per step" + (f", teacher sharded with ZeRO-3 (offload_param: {teacher.offload_device})"
-                                 if ds_config is not None else ""))
+                                 if where.ds_config is not None else ""))
     log(f"clipdistill: loader backend {loader.backend}, {len(loader.samples)} images, {len(loader)} steps per epoch")
-    return Run(cfg, device, teacher, learner, step, loader, class_names, teacher_input, "student", autocast_dtype,
-               heldout_loader, feature_cache, owns_group)
+    return Run(config=cfg, device=device, teacher=teacher, learner=learner, step=step, loader=loader,
+               class_names=class_names, teacher_input=teacher_input, student_input="student",
+               autocast_dtype=autocast_dtype, heldout_loader=heldout_loader, feature_cache=feature_cache,
+               owns_process_group=where.owns_group)

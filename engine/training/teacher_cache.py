@@ -55,9 +55,10 @@ from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.io import image_spec, read_class_names, read_templates, resolve_device
 from clipdistill.engine.models.class_vectors import teacher_class_vectors, weights_fingerprint
 from clipdistill.engine.models.clip import build_teacher, get_tokenizer
-from clipdistill.loaders.loader import ImageLoader, OutputSpec
+from clipdistill.engine.training.data import image_loader, training_transform
+from clipdistill.loaders.loader import OutputSpec
 from clipdistill.loaders.sources import resolve_source
-from clipdistill.loaders.views import VIEWS_VERSION, RandomResizedCrop, sample_views
+from clipdistill.loaders.views import VIEWS_VERSION, sample_views
 
 FORMAT = "clipdistill-teacher-cache/1"
 ARRAYS = ("features", "views", "valid")
@@ -133,7 +134,7 @@ def _shard_name(index: int) -> str:
 
 def run_key(cfg, *, num_views: int, teacher_dim: int, samples, input_spec) -> CacheKey:
     """The key of a run config (teacher, image list, views), for building or checking a cache."""
-    transform = RandomResizedCrop(scale=(cfg.data.min_scale, cfg.data.max_scale), flip=cfg.data.flip)
+    transform = training_transform(cfg.data)
     size, mean, std = input_spec
     return CacheKey(
         teacher=cfg.teacher.name, weights=weights_fingerprint(cfg.teacher.weights), dim=int(teacher_dim),
@@ -163,6 +164,8 @@ def build_teacher_cache(cfg, *, views: int, out: str | Path, shard_size: int = 1
                         log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Build (or finish) the teacher cache of ``cfg``'s teacher and images in ``out``.
 
+    A builder like :func:`~clipdistill.engine.training.builder.build_run`: it reads the run
+    config (teacher, data, seed) and makes views with the same transform and loader settings.
     ``max_shards`` stops after that many new shards (used to test interrupted builds).
     Returns a summary dict (also the command's last line).
     """
@@ -179,68 +182,76 @@ def build_teacher_cache(cfg, *, views: int, out: str | Path, shard_size: int = 1
     samples = resolve_source(cfg.data.train, cache_dir=out / "lists")
     key = run_key(cfg, num_views=views, teacher_dim=teacher.model.visual.output_dim, samples=samples,
                   input_spec=input_spec)
+    _claim(out, key)
+    if cfg.data.class_names:
+        teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), read_class_names(cfg.data.class_names),
+                              read_templates(cfg.data.templates), model_name=cfg.teacher.name,
+                              weights=cfg.teacher.weights, cache_dir=out / "class_vectors", device=device)
+    shards = _ShardWriter(out, teacher, samples, views=views, dim=key.dim, seed=cfg.train.seed,
+                          transform=training_transform(cfg.data),
+                          renderer=image_loader(samples, cfg.data, batch_size=1,
+                                                outputs=[OutputSpec("teacher", *input_spec)],
+                                                transform=training_transform(cfg.data), seed=cfg.train.seed,
+                                                device=device,
+                                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32),
+                          batch_size=batch_size)
+    n_shards = -(-len(samples) // shard_size)
+    mine = [j for j in range(n_shards) if j % world_size == rank]
+    todo = [j for j in mine if not _shard_complete(out, j)]
+    log(f"teacher cache: {len(samples)} images x {views} views, {n_shards} shards "
+        f"({len(mine) - len(todo)} of this rank's {len(mine)} already done)")
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    for j in tqdm(todo, desc="cache-teacher", unit="shard", file=sys.stderr, disable=not progress):
+        shards.write(j, first=j * shard_size, count=min(shard_size, len(samples) - j * shard_size))
+    complete = all(_shard_complete(out, j) for j in range(n_shards))
+    if complete:
+        _write_index(out, key, shard_size, n_shards, logit_scale=float(teacher.logit_scale))
+    n_rejected = sum(len(json.loads((out / f"{_shard_name(j)}.json").read_text())["rejects"])
+                     for j in range(n_shards) if _shard_complete(out, j))
+    return {"images": len(samples), "views": views, "dim": key.dim, "shards": n_shards,
+            "shards_built": len(todo), "complete": complete, "rejected": n_rejected,
+            "bytes": sum(p.stat().st_size for p in out.glob("shard-*.npy")),
+            "seconds": round(time.perf_counter() - started, 2), "out": str(out)}
+
+
+def _claim(out: Path, key: CacheKey) -> None:
+    """Write the cache's key, or check that the folder already holds a cache of this key."""
     key_path = out / "key.json"
     if key_path.is_file():
-        existing = _key_from_json(json.loads(key_path.read_text()))
-        diff = existing.difference(key)
+        diff = _key_from_json(json.loads(key_path.read_text())).difference(key)
         if diff:
             raise TeacherCacheError(f"{out} holds a cache of another configuration ({diff}); "
                                     f"use another --out or remove it")
     else:
         _atomic_write_bytes(key_path, lambda fh: fh.write(json.dumps(asdict(key), indent=2).encode()))
 
-    if cfg.data.class_names:
-        teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), read_class_names(cfg.data.class_names),
-                              read_templates(cfg.data.templates), model_name=cfg.teacher.name,
-                              weights=cfg.teacher.weights, cache_dir=out / "class_vectors", device=device)
 
-    transform = RandomResizedCrop(scale=(cfg.data.min_scale, cfg.data.max_scale), flip=cfg.data.flip)
-    size, mean, std = input_spec
-    renderer = ImageLoader(
-        samples, global_batch_size=1, outputs=[OutputSpec("teacher", size, mean, std)], transform=transform,
-        seed=cfg.train.seed, backend=cfg.data.backend, device=device,
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, workers=cfg.data.workers,
-        interpolation=cfg.data.interpolation, precheck=cfg.data.precheck,
-    )
-    n_shards = -(-len(samples) // shard_size)
-    mine = [j for j in range(n_shards) if j % world_size == rank]
-    todo = [j for j in mine if not _shard_complete(out, j)]
-    log(f"teacher cache: {len(samples)} images x {views} views, {n_shards} shards "
-        f"({len(mine) - len(todo)} of this rank's {len(mine)} already done)")
-    bar = None
-    if progress:
-        bar = tqdm(total=len(todo), desc="cache-teacher", unit="shard", file=sys.stderr)
-    built = 0
-    dim = key.dim
-    for j in todo:
-        if max_shards is not None and built >= max_shards:
-            break
-        first = j * shard_size
-        ids = np.arange(first, min(first + shard_size, len(samples)), dtype=np.int64)
-        n = len(ids)
-        valid = np.zeros(n, dtype=bool)
-        sizes = np.zeros((n, 2), dtype=np.int64)
-        rejects = []
-        for i, sid in enumerate(ids.tolist()):
-            reason, detail, _, _, wh = renderer.planner.read(sid)
-            if reason is None:
-                valid[i], sizes[i] = True, wh
-            else:
-                rejects.append({"sample_id": sid, "location": samples.location(sid), "reason": reason,
-                                "detail": detail[:300]})
-        view_arr = np.zeros((n, views, 5), dtype=np.int32)
-        feats = np.zeros((n, views, dim), dtype=np.float16)
-        rows_i = np.repeat(np.flatnonzero(valid), views)
-        rows_v = np.tile(np.arange(views, dtype=np.int64), int(valid.sum()))
+class _ShardWriter:
+    """Writes shard ``j``: its views, the teacher's fp16 features, validity, rejects, checksums."""
+
+    def __init__(self, out: Path, teacher, samples, *, views: int, dim: int, seed: int, transform, renderer,
+                 batch_size: int):
+        self.out, self.teacher, self.samples = out, teacher, samples
+        self.views, self.dim, self.seed, self.transform = views, dim, seed, transform
+        self.renderer, self.batch_size = renderer, batch_size
+
+    def write(self, j: int, *, first: int, count: int) -> None:
+        ids = np.arange(first, first + count, dtype=np.int64)
+        valid, sizes, rejects = self._read_headers(ids)
+        view_arr = np.zeros((count, self.views, 5), dtype=np.int32)
+        feats = np.zeros((count, self.views, self.dim), dtype=np.float16)
+        rows_i = np.repeat(np.flatnonzero(valid), self.views)
+        rows_v = np.tile(np.arange(self.views, dtype=np.int64), int(valid.sum()))
         if len(rows_i):
-            crops, flips = sample_views(transform, cfg.train.seed, 0, ids[rows_i], rows_v,
+            crops, flips = sample_views(self.transform, self.seed, 0, ids[rows_i], rows_v,
                                         sizes[rows_i, 0], sizes[rows_i, 1])
             view_arr[rows_i, rows_v, :4] = crops
             view_arr[rows_i, rows_v, 4] = flips
-        for start in range(0, len(rows_i), batch_size):
-            ri, rv = rows_i[start:start + batch_size], rows_v[start:start + batch_size]
-            for good_i, good_v, features in _render_and_encode(renderer, teacher, ids, ri, rv, view_arr, rejects,
-                                                                samples):
+        for start in range(0, len(rows_i), self.batch_size):
+            ri, rv = rows_i[start:start + self.batch_size], rows_v[start:start + self.batch_size]
+            for good_i, good_v, features in _render_and_encode(self.renderer, self.teacher, ids, ri, rv, view_arr,
+                                                                rejects, self.samples):
                 feats[good_i, good_v] = features
         for r in rejects:
             valid[r["sample_id"] - first] = False
@@ -249,32 +260,36 @@ def build_teacher_cache(cfg, *, views: int, out: str | Path, shard_size: int = 1
         name = _shard_name(j)
         digests = {}
         for array_name, array in (("features", feats), ("views", view_arr), ("valid", valid)):
-            path = out / f"{name}.{array_name}.npy"
+            path = self.out / f"{name}.{array_name}.npy"
             _atomic_write_bytes(path, lambda fh, a=array: np.save(fh, a, allow_pickle=False))
             digests[array_name] = _sha256(path)
-        meta = {"shard": j, "first": first, "count": n, "sha256": digests, "rejects": rejects}
-        _atomic_write_bytes(out / f"{name}.json", lambda fh: fh.write(json.dumps(meta).encode()))
-        built += 1
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    complete = all(_shard_complete(out, j) for j in range(n_shards))
-    if complete:
-        shards, rejects = [], []
-        for j in range(n_shards):
-            meta = json.loads((out / f"{_shard_name(j)}.json").read_text())
-            shards.append({k: meta[k] for k in ("shard", "first", "count", "sha256")})
-            rejects += meta["rejects"]
-        index = {"format": FORMAT, "key": asdict(key), "shard_size": shard_size, "shards": shards,
-                 "logit_scale": float(teacher.logit_scale), "rejects": rejects}
-        _atomic_write_bytes(out / "index.json", lambda fh: fh.write(json.dumps(index, indent=1).encode()))
-    n_rejected = sum(len(json.loads((out / f"{_shard_name(j)}.json").read_text())["rejects"])
-                     for j in range(n_shards) if _shard_complete(out, j))
-    return {"images": len(samples), "views": views, "dim": dim, "shards": n_shards,
-            "shards_built": built, "complete": complete, "rejected": n_rejected,
-            "bytes": sum(p.stat().st_size for p in out.glob("shard-*.npy")),
-            "seconds": round(time.perf_counter() - started, 2), "out": str(out)}
+        meta = {"shard": j, "first": first, "count": count, "sha256": digests, "rejects": rejects}
+        _atomic_write_bytes(self.out / f"{name}.json", lambda fh: fh.write(json.dumps(meta).encode()))
+
+    def _read_headers(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """Which samples open, their (width, height), and a reject record for each that does not."""
+        valid = np.zeros(len(ids), dtype=bool)
+        sizes = np.zeros((len(ids), 2), dtype=np.int64)
+        rejects = []
+        for i, sid in enumerate(ids.tolist()):
+            reason, detail, _, _, wh = self.renderer.planner.read(sid)
+            if reason is None:
+                valid[i], sizes[i] = True, wh
+            else:
+                rejects.append({"sample_id": sid, "location": self.samples.location(sid), "reason": reason,
+                                "detail": detail[:300]})
+        return valid, sizes, rejects
+
+
+def _write_index(out: Path, key: CacheKey, shard_size: int, n_shards: int, *, logit_scale: float) -> None:
+    shards, rejects = [], []
+    for j in range(n_shards):
+        meta = json.loads((out / f"{_shard_name(j)}.json").read_text())
+        shards.append({k: meta[k] for k in ("shard", "first", "count", "sha256")})
+        rejects += meta["rejects"]
+    index = {"format": FORMAT, "key": asdict(key), "shard_size": shard_size, "shards": shards,
+             "logit_scale": logit_scale, "rejects": rejects}
+    _atomic_write_bytes(out / "index.json", lambda fh: fh.write(json.dumps(index, indent=1).encode()))
 
 
 def _render_and_encode(renderer, teacher, ids, rows_i, rows_v, view_arr, rejects, samples):

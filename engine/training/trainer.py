@@ -39,7 +39,7 @@ from clipdistill.engine.parallel.launch import all_reduce_sum, rank_and_world, r
 from clipdistill.engine.training.builder import Run, build_run
 from clipdistill.engine.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                                     save_state, set_rng_state)
-from clipdistill.engine.training.schedule import lr_at
+from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.engine.training.teacher_cache import TeacherCacheError
 
 
@@ -62,24 +62,32 @@ class Trainer:
             raise ConfigError("the learner has no trainable tensors (prompt length or depth 0?)")
         self.params = params
         o = self.cfg.optim
-        if o.name == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(params, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                        momentum=o.momentum, betas=o.betas)
         micro_per_epoch = len(run.loader)
         self.total_steps = (self.cfg.train.max_steps if self.cfg.train.max_steps is not None
                             else (self.cfg.train.epochs * micro_per_epoch) // o.grad_accum)
         if self.total_steps < 1:
             raise ConfigError(f"the run has no optimizer step: {micro_per_epoch} batches per epoch, "
                               f"grad_accum {o.grad_accum}, epochs {self.cfg.train.epochs}")
-        self.global_step = 0
+        # Several ranks: every rank runs the same steps on its slice; rank 0 alone writes files.
+        self.rank, self.world = rank_and_world()
+        self.is_main = self.rank == 0
+        self.core = OptimizerCore(
+            self.optimizer, params, base_lr=o.lr, total_steps=self.total_steps, warmup_steps=o.warmup_steps,
+            warmup_lr=o.warmup_lr, schedule=o.schedule, grad_accum=o.grad_accum, clip_grad_norm=o.clip_grad_norm,
+            # Several ranks: each rank's loss was scaled by its share of the global batch's real rows, so
+            # the summed gradients are the single-process ones.
+            before_step=(lambda: sum_gradients(self.params)) if self.world > 1 else None,
+        )
         self.images_seen = 0
         self.best: Optional[dict] = None  # {"step", metric: value} of the best held-out evaluation
         self.step_fn = torch.compile(run.step) if self.cfg.train.compile else run.step
 
-        # Several ranks: every rank runs the same steps on its slice; rank 0 alone writes files.
-        self.rank, self.world = rank_and_world()
-        self.is_main = self.rank == 0
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken."""
+        return self.core.step
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -168,20 +176,84 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.run.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        self.global_step = int(state["step"])
+        self.core.step = int(state["step"])
+        self.core.set_lr()
         self.images_seen = int(state["images_seen"])
         self.best = state.get("best")
         self.log(f"clipdistill: resumed from {path} (step {self.global_step})")
         return True
 
     # -- the loop -----------------------------------------------------------------------------
-    def _set_lr(self) -> float:
-        o = self.cfg.optim
-        lr = lr_at(self.global_step, base_lr=o.lr, total_steps=self.total_steps, warmup_steps=o.warmup_steps,
-                   warmup_lr=o.warmup_lr, schedule=o.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+    def _forward(self, batch) -> tuple[dict[str, torch.Tensor], int]:
+        """One micro-batch's loss parts (scaled for this rank) and its number of real rows."""
+        run, device = self.run, self.run.device
+        mask = batch.mask
+        teacher_images = batch.images[run.teacher_input] if run.teacher_input else None
+        student_images = batch.images[run.student_input]
+        teacher_features = None
+        if run.feature_cache is not None:
+            teacher_features, mask = self._cached_features(batch)
+        real_rows = int(mask.sum())  # the mask lives on the CPU: no device sync
+        row_weights = row_mask = None  # a batch without padding: plain means and statistics
+        if 0 < real_rows < len(mask):
+            row_mask = mask.to(device=device, non_blocking=True)
+            row_weights = row_mask.to(torch.float32)
+        elif real_rows == 0:
+            # A rank whose share of the step is all padding still takes it (ranks stay in
+            # step; its batch norm joins the others' statistics with no rows), with a zero
+            # loss instead of 0/0.
+            row_mask = mask.to(device=device, non_blocking=True)
+        with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
+                            enabled=run.autocast_dtype is not None):
+            parts = self.step_fn(teacher_images, student_images, row_weights,
+                                 teacher_features=teacher_features, row_mask=row_mask)
+        if real_rows == 0:
+            parts = {name: value * 0.0 for name, value in parts.items()}
+        if self.world > 1:
+            # Scaled by this rank's share of the global batch's real rows, the ranks' losses sum
+            # to the global batch's mean: the summed gradients are the single-process ones
+            # (the optimizer core's before_step), and so are the logged sums.
+            share = row_share(real_rows, device)
+            parts = {name: value * share for name, value in parts.items()}
+        return parts, real_rows
+
+    def _close_interval(self, interval: "_Interval", lr_used: float, last_good_ckpt: Optional[Path]) -> dict:
+        """The interval's one synchronization: mean losses, the non-finite check, the metrics record."""
+        names = list(interval.sums)
+        values = (torch.stack([interval.sums[n] for n in names]) / interval.micro_batches).tolist()
+        bad = int(interval.first_bad)
+        images = interval.images
+        if self.world > 1:
+            # The global batch's losses (the ranks' shares sum to them) and counts; every rank
+            # sees a non-finite loss anywhere, so all stop together.
+            summed = all_reduce_sum(values + [images, float(bad >= 0)], self.run.device)
+            images = int(summed[len(names)])
+            values = summed[:len(names)]
+            if summed[len(names) + 1] > 0 and bad < 0:
+                bad = max(0, self.global_step - 1)
+            self.images_seen = interval.images_before + images
+        if bad >= 0 or not all(math.isfinite(v) for v in values):
+            where = bad if bad >= 0 else self.global_step - 1
+            good = f"the last good checkpoint, {last_good_ckpt}, is intact" if last_good_ckpt else \
+                "no checkpoint was written before it"
+            raise NonFiniteLossError(f"non-finite loss at step {where}; stopping ({good})")
+        elapsed = time.perf_counter() - interval.start
+        return {"step": self.global_step, "epoch": self.run.loader.epoch, "lr": lr_used,
+                **{f"loss/{n}": v for n, v in zip(names, values)},
+                "images_per_s": images / max(elapsed, 1e-9),
+                "images_seen": self.images_seen, "rejected_images": len(self.run.loader.rejects)}
+
+    def _write_metrics(self, record: dict, tb, progress) -> None:
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if tb is not None:
+            for key, value in record.items():
+                if key != "step":
+                    tb.add_scalar(key, value, self.global_step)
+        if progress is not None and "loss/loss" in record:
+            progress.update(self.global_step - progress.n)
+            progress.set_postfix(loss=f"{record['loss/loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
 
     def fit(self) -> dict:
         cfg, run = self.cfg, self.run
@@ -190,123 +262,32 @@ class Trainer:
             self.resume()
         if self.is_main:
             (self.out_dir / "config.json").write_text(json.dumps(dump_run_config(cfg), indent=2))
-        metrics_path = self.out_dir / "metrics.jsonl"
         tb = self._tensorboard() if self.is_main else None
         progress = self._progress() if self.is_main else None
-        images_logged = self.images_seen  # several ranks: global counts at each log
-        device, accum = run.device, cfg.optim.grad_accum
         run.step.train()
-        acc: dict[str, torch.Tensor] = {}
-        acc_count = 0
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        interval = _Interval(run.device, self.images_seen)
         last_good_ckpt = latest_checkpoint(self.ckpt_dir)
-        interval_start, interval_images = time.perf_counter(), 0
-        micro = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self._set_lr()
         summary: dict = {}
         while self.global_step < self.total_steps:
             for batch in run.loader:
-                mask = batch.mask
-                teacher_images = batch.images[run.teacher_input] if run.teacher_input else None
-                student_images = batch.images[run.student_input]
-                teacher_features = None
-                if run.feature_cache is not None:
-                    teacher_features, mask = self._cached_features(batch)
-                real_rows = int(mask.sum())  # the mask lives on the CPU: no device sync
-                row_weights = row_mask = None  # a batch without padding: plain means and statistics
-                if 0 < real_rows < len(mask):
-                    row_mask = mask.to(device=device, non_blocking=True)
-                    row_weights = row_mask.to(torch.float32)
-                elif real_rows == 0:
-                    # A rank whose share of the step is all padding still takes it (ranks stay in
-                    # step; its batch norm joins the others' statistics with no rows), with a zero
-                    # loss instead of 0/0.
-                    row_mask = mask.to(device=device, non_blocking=True)
-                with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
-                                    enabled=run.autocast_dtype is not None):
-                    parts = self.step_fn(teacher_images, student_images, row_weights,
-                                         teacher_features=teacher_features, row_mask=row_mask)
-                if real_rows == 0:
-                    parts = {name: value * 0.0 for name, value in parts.items()}
-                if self.world > 1:
-                    # Scaled by this rank's share of the global batch's real rows, the ranks'
-                    # losses sum to the global batch's mean: the summed gradients are the
-                    # single-process ones (distributed.sum_gradients), and so are the logged sums.
-
-                    share = row_share(real_rows, device)
-                    parts = {name: value * share for name, value in parts.items()}
-                (parts["loss"] / accum).backward()
-                for name, value in parts.items():
-                    value = value.detach()
-                    acc[name] = acc[name] + value if name in acc else value.clone()
-                acc_count += 1
+                parts, real_rows = self._forward(batch)
+                lr_used = self.core.lr
+                interval.add(parts, real_rows)
                 self.images_seen += real_rows
-                interval_images += real_rows
-                micro += 1
-                if micro % accum:
-                    continue
-                bad_now = ~torch.isfinite(parts["loss"].detach())
-                first_bad = torch.where((first_bad < 0) & bad_now,
-                                        torch.full_like(first_bad, self.global_step), first_bad)
-                if self.world > 1:
-
-                    sum_gradients(self.params)
-                if cfg.optim.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                lr_used, lr = lr, self._set_lr()
+                if not self.core.backward(parts["loss"]):
+                    continue  # mid-accumulation
+                interval.check_finite(parts["loss"], self.global_step - 1)
                 done = self.global_step >= self.total_steps
-                if self.global_step % cfg.train.log_every == 0 or done or \
-                        self.global_step % cfg.train.checkpoint_every == 0:
-                    # One synchronization per interval: losses, the non-finite check, progress.
-                    names = list(acc)
-                    values = (torch.stack([acc[n] for n in names]) / acc_count).tolist()
-                    bad = int(first_bad)
-                    if self.world > 1:
-                        # The global batch's losses (the ranks' shares sum to them) and counts;
-                        # every rank sees a non-finite loss anywhere, so all stop together.
-
-                        summed = all_reduce_sum(values + [interval_images, float(bad >= 0)], device)
-                        interval_images = int(summed[len(names)])
-                        values = summed[:len(names)]
-                        if summed[len(names) + 1] > 0 and bad < 0:
-                            bad = max(0, self.global_step - 1)
-                        self.images_seen = images_logged + interval_images
-                        images_logged = self.images_seen
-                    if bad >= 0 or not all(math.isfinite(v) for v in values):
-                        where = bad if bad >= 0 else self.global_step - 1
-                        good = f"the last good checkpoint, {last_good_ckpt}, is intact" if last_good_ckpt else \
-                            "no checkpoint was written before it"
-                        raise NonFiniteLossError(f"non-finite loss at step {where}; stopping ({good})")
-                    elapsed = time.perf_counter() - interval_start
-                    record = {"step": self.global_step, "epoch": run.loader.epoch, "lr": lr_used,
-                              **{f"loss/{n}": v for n, v in zip(names, values)},
-                              "images_per_s": interval_images / max(elapsed, 1e-9),
-                              "images_seen": self.images_seen, "rejected_images": len(run.loader.rejects)}
-                    if self.is_main:
-                        with open(metrics_path, "a", encoding="utf-8") as fh:
-                            fh.write(json.dumps(record) + "\n")
-                    if tb is not None:
-                        for key, value in record.items():
-                            if key != "step":
-                                tb.add_scalar(key, value, self.global_step)
-                    if progress is not None:
-                        progress.update(self.global_step - progress.n)
-                        progress.set_postfix(loss=f"{record['loss/loss']:.4g}",
-                                             img_s=f"{record['images_per_s']:.0f}")
-                    summary = record
-                    acc, acc_count = {}, 0
-                    interval_start, interval_images = time.perf_counter(), 0
-                    if self.global_step % cfg.train.checkpoint_every == 0 or done:
+                checkpoint = self.global_step % cfg.train.checkpoint_every == 0 or done
+                if self.global_step % cfg.train.log_every == 0 or checkpoint:
+                    summary = self._close_interval(interval, lr_used, last_good_ckpt)
+                    self._write_metrics(summary, tb, progress)
+                    interval = _Interval(run.device, self.images_seen)
+                    if checkpoint:
                         selection = self.select()
                         if selection:
-                            if self.is_main:
-                                with open(metrics_path, "a", encoding="utf-8") as fh:
-                                    fh.write(json.dumps({"step": self.global_step, **selection}) + "\n")
-                            summary = {**record, **selection}
+                            self._write_metrics({"step": self.global_step, **selection}, None, None)
+                            summary = {**summary, **selection}
                         last_good_ckpt = self.save()
                 if done:
                     break
@@ -314,8 +295,7 @@ class Trainer:
             progress.close()
         if tb is not None:
             tb.close()
-        summary = {**summary, "checkpoint": str(last_good_ckpt) if last_good_ckpt else None}
-        return summary
+        return {**summary, "checkpoint": str(last_good_ckpt) if last_good_ckpt else None}
 
     def _progress(self):
         if not self.cfg.train.progress:
@@ -349,3 +329,28 @@ def distill(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         # barrier then destroy 0 of 10; 2-rank DeepSpeed `distill` runs: 0 of 18.
         if run.owns_process_group:
             torch.distributed.destroy_process_group()
+
+
+class _Interval:
+    """Loss parts and counts since the last log, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device, images_before: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.images = 0  # this rank's real rows; all ranks' after the interval's all-reduce
+        self.images_before = images_before  # global images seen when the interval began
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+        self.start = time.perf_counter()
+
+    def add(self, parts: dict[str, torch.Tensor], real_rows: int) -> None:
+        for name, value in parts.items():
+            value = value.detach()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.micro_batches += 1
+        self.images += real_rows
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Remember ``step`` if ``loss`` is not finite and no earlier step was (on the device)."""
+        bad_now = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where((self.first_bad < 0) & bad_now, torch.full_like(self.first_bad, step),
+                                     self.first_bad)

@@ -60,7 +60,7 @@ from clipdistill.engine.models.tuned import (LEARNER_KIND, TunedTeacher, _input_
                                              save_tuned_teacher)
 from clipdistill.engine.prompts.learners import PROMPTSRC_LOSS_WEIGHTS, GaussianPromptAggregator
 from clipdistill.engine.prompts.registry import build_learner
-from clipdistill.engine.training.schedule import lr_at
+from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.views import CenterCrop, RandomResizedCrop
 
@@ -302,6 +302,84 @@ def labeled_accuracy(
     return _top1(lambda x: teacher.logits(x, class_vectors, scale), loader, torch.from_numpy(folder.labels), "teacher")
 
 
+def _train(learner, params: list[torch.Tensor], loader, labels_all: torch.Tensor, settings: TuneSettings,
+           loss_weights: Mapping[str, float], gpa_mean: float, *, device: torch.device,
+           log: Callable[[str], None]) -> dict[str, float]:
+    """The epochs: cross-entropy plus PromptSRC's weighted parts, through the engine's optimizer core;
+    at the end of each epoch the prompts join the Gaussian aggregation, whose result is loaded last.
+
+    Returns the mean loss parts of the last epoch.
+    """
+    steps_per_epoch = len(loader)
+    core = OptimizerCore(
+        make_optimizer(params, name="sgd", lr=settings.lr, momentum=settings.momentum,
+                       weight_decay=settings.weight_decay),
+        params, base_lr=settings.lr, total_steps=settings.epochs * steps_per_epoch,
+        warmup_steps=settings.warmup_epochs * steps_per_epoch, warmup_lr=settings.warmup_lr, schedule="cosine",
+    )
+    aggregator = GaussianPromptAggregator(settings.epochs, mean=gpa_mean, std=settings.gpa_std)
+    input_dtype = _input_dtype(learner.clip)
+    losses: dict[str, float] = {}
+    learner.train()
+    for epoch in range(1, settings.epochs + 1):
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        for batch in loader:
+            rows = batch.mask.nonzero().squeeze(1)  # the mask is on the CPU: no device sync
+            if not rows.numel():
+                core.skip()  # a step of padding only: the schedule still advances
+                continue
+            images = batch.images["teacher"][rows.to(device)].to(input_dtype)
+            labels = labels_all[batch.sample_ids[rows]].to(device)
+            output = learner(images)
+            parts = {"ce": F.cross_entropy(output.logits.float(), labels)}
+            for name, value in learner.regularization(images, output).items():
+                if loss_weights.get(name, 0.0):
+                    parts[name] = loss_weights[name] * value.float()
+            loss = torch.stack(list(parts.values())).sum()
+            core.backward(loss)
+            parts["loss"] = loss
+            for name, value in parts.items():
+                sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
+            batches += 1
+        # One synchronization per epoch: the mean losses, checked for NaN/Inf.
+        losses = {name: float(value) / max(batches, 1) for name, value in sums.items()}
+        if not all(np.isfinite(v) for v in losses.values()):
+            raise RuntimeError(f"tune-teacher: non-finite loss in epoch {epoch} ({losses}); lower --lr")
+        aggregator.add(learner.state_to_save(), epoch)
+        log(f"tune-teacher: epoch {epoch}/{settings.epochs} "
+            + " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    learner.load_saved_state(aggregator.result())
+    learner.eval()
+    return losses
+
+
+def _header(teacher: str, weights: Optional[str], weights_path: Optional[str], data, shots: ShotSelection,
+            templates: list[str], options: Mapping[str, Any], settings: TuneSettings,
+            loss_weights: Mapping[str, float], *, gpa_mean: float, precision: str,
+            losses: Mapping[str, float]) -> dict:
+    """The tuned-teacher file's JSON header: what :func:`load_tuned_teacher` needs, and provenance."""
+    return {
+        "teacher": {"name": teacher, "weights": weights_path, "init_seed": settings.seed if weights is None else None,
+                    "weights_size": os.path.getsize(weights_path) if weights_path and os.path.isfile(weights_path)
+                    else None},
+        "learner": {"kind": LEARNER_KIND, "options": {k: v for k, v in options.items() if k != "templates"}},
+        "class_names": shots.class_names,
+        "folders": shots.folders,
+        "templates": templates,
+        "data": os.path.abspath(os.fspath(data)),
+        "shots": {"per_class": shots.per_class, "skipped": shots.skipped, "short": shots.short,
+                  "files": list(shots.samples.paths)},
+        "settings": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(settings).items()},
+        "loss_weights": dict(loss_weights),
+        "gpa_mean": gpa_mean,
+        "precision": precision,
+        "losses": dict(losses),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def tune_teacher(
     teacher: str,
     weights: Optional[str],
@@ -373,72 +451,12 @@ def tune_teacher(
         transform=RandomResizedCrop(scale=(settings.min_scale, 1.0)), seed=settings.seed, backend=backend,
         device=device, workers=settings.workers, interpolation=settings.interpolation,
     )
-    labels_all = torch.from_numpy(shots.labels)
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    steps_per_epoch = len(loader)
-    total_steps = settings.epochs * steps_per_epoch
     gpa_mean = settings.gpa_mean if settings.gpa_mean is not None else 0.75 * settings.epochs
-    aggregator = GaussianPromptAggregator(settings.epochs, mean=gpa_mean, std=settings.gpa_std)
-    input_dtype = _input_dtype(clip)
+    losses = _train(learner, params, loader, torch.from_numpy(shots.labels), settings, loss_weights, gpa_mean,
+                    device=device, log=log)
 
-    step, losses = 0, {}
-    learner.train()
-    for epoch in range(1, settings.epochs + 1):
-        sums: dict[str, torch.Tensor] = {}
-        batches = 0
-        for batch in loader:
-            rows = batch.mask.nonzero().squeeze(1)  # the mask is on the CPU: no device sync
-            if rows.numel():
-                images = batch.images["teacher"][rows.to(device)].to(input_dtype)
-                labels = labels_all[batch.sample_ids[rows]].to(device)
-                output = learner(images)
-                parts = {"ce": F.cross_entropy(output.logits.float(), labels)}
-                for name, value in learner.self_regularization(images, output).items():
-                    if loss_weights.get(name, 0.0):
-                        parts[name] = loss_weights[name] * value.float()
-                loss = torch.stack(list(parts.values())).sum()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, base_lr=settings.lr, total_steps=total_steps,
-                                        warmup_steps=settings.warmup_epochs * steps_per_epoch,
-                                        warmup_lr=settings.warmup_lr, schedule="cosine")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                parts["loss"] = loss
-                for name, value in parts.items():
-                    sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
-                batches += 1
-            step += 1
-        # One synchronization per epoch: the mean losses, checked for NaN/Inf.
-        losses = {name: float(value) / max(batches, 1) for name, value in sums.items()}
-        if not all(np.isfinite(v) for v in losses.values()):
-            raise RuntimeError(f"tune-teacher: non-finite loss in epoch {epoch} ({losses}); lower --lr")
-        aggregator.add(learner.state_to_save(), epoch)
-        log(f"tune-teacher: epoch {epoch}/{settings.epochs} "
-            + " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-    learner.load_saved_state(aggregator.result())
-    learner.eval()
-
-    header = {
-        "teacher": {"name": teacher, "weights": weights_path, "init_seed": settings.seed if weights is None else None,
-                    "weights_size": os.path.getsize(weights_path) if weights_path and os.path.isfile(weights_path)
-                    else None},
-        "learner": {"kind": LEARNER_KIND, "options": {k: v for k, v in options.items() if k != "templates"}},
-        "class_names": shots.class_names,
-        "folders": shots.folders,
-        "templates": template_list,
-        "data": os.path.abspath(os.fspath(data)),
-        "shots": {"per_class": shots.per_class, "skipped": shots.skipped, "short": shots.short,
-                  "files": list(shots.samples.paths)},
-        "settings": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(settings).items()},
-        "loss_weights": loss_weights,
-        "gpa_mean": gpa_mean,
-        "precision": precision,
-        "losses": losses,
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    header = _header(teacher, weights, weights_path, data, shots, template_list, options, settings, loss_weights,
+                     gpa_mean=gpa_mean, precision=precision, losses=losses)
     path = save_tuned_teacher(out, learner.state_to_save(), header)
     log(f"tune-teacher: saved {path}")
 

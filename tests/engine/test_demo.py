@@ -18,10 +18,11 @@ def test_demo_distillation_raises_agreement(seed, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("agreement_before", "agreement_after", "kl_before", "kl_after"):
         assert key in summary
-    # The bar: agreement up by at least 0.2 absolute, on every seed; KL down.
-    assert summary["agreement_after"] - summary["agreement_before"] >= 0.2, summary
+    # The bar: agreement up by at least 0.2 absolute (20 points: the tally is in percent),
+    # on every seed; KL down.
+    assert summary["agreement_after"] - summary["agreement_before"] >= 20, summary
     assert summary["kl_after"] < summary["kl_before"], summary
-    assert summary["teacher_accuracy"] > 0.5, summary  # the teacher's predictions mean something (chance: 1/6)
+    assert summary["teacher_accuracy"] > 50, summary  # the teacher's predictions mean something (chance: 1/6)
     run = tmp_path / "demo" / "run"
     assert (run / "metrics.jsonl").is_file() and any((run / "checkpoints").iterdir())
     assert "before distillation" in proc.stderr and "after distillation" in proc.stderr

@@ -110,3 +110,11 @@ def test_console_script_points_at_cli_main():
     from clipdistill.engine.cli import main
 
     assert script.load() is main
+
+
+def test_readme_embedding_example_imports_resolve():
+    readme = (ENGINE.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### Embedding in another trainer", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    imports = [line for line in block.splitlines() if line.startswith(("from clipdistill", "import clipdistill"))]
+    assert len(imports) >= 4, imports
+    exec("\n".join(imports), {})  # every name the example uses is importable where it says
