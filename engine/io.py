@@ -21,7 +21,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def read_class_names(path: str | Path, *, what: str = "data.class_names") -> list[str]:
-    """One class name per line; empty lines and duplicates are errors naming their line numbers.
+    """One class name per line; lines starting with ``#`` are comments; empty lines and duplicates
+    are errors naming their line numbers (an empty line would shift every later class index).
 
     ``builtin:imagenet21k`` names the shipped concept vocabulary (see :mod:`.vocabulary`).
     ``what`` names the setting or flag the path came from, for the error messages.
@@ -37,6 +38,8 @@ def read_class_names(path: str | Path, *, what: str = "data.class_names") -> lis
     names, seen, problems = [], {}, []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         name = line.strip()
+        if name.startswith("#"):
+            continue
         if not name:
             problems.append(f"line {lineno} is empty")
             continue
@@ -82,8 +85,9 @@ def resolve_device(spec: str | torch.device | None, *, what: str = "train.device
 def image_spec(model: torch.nn.Module) -> tuple[int, tuple, tuple]:
     """(side, mean, std) of a CLIP model's image input, read from its image tower."""
     visual = model.visual
-    size = visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
-    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+    cfg = getattr(visual, "preprocess_cfg", None) or {}  # open_clip records it here too
+    size = getattr(visual, "image_size", None) or cfg.get("size") or 224
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = tuple(getattr(visual, "image_mean", None) or cfg.get("mean") or OPENAI_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or cfg.get("std") or OPENAI_STD)
     return size, mean, std

@@ -31,8 +31,8 @@ from clipdistill.engine.datafree.diversify import DIVERSIFIERS
 from clipdistill.engine.datafree.generators import GENERATORS
 from clipdistill.engine.datafree.report import diversity_report
 from clipdistill.engine.datafree.student import DataFreeStudent, agreement, distill, load_student, save_student
-from clipdistill.engine.datafree.synthesize import SynthesisPlan, load_teacher, read_class_names, synthesize
-from clipdistill.engine.io import resolve_device
+from clipdistill.engine.datafree.synthesize import SynthesisPlan, load_teacher, synthesize
+from clipdistill.engine.io import read_class_names, resolve_device
 from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import get_tokenizer
 from clipdistill.engine.templates import templates_for
@@ -132,7 +132,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
         raise SystemExit("synthesize: --generator vqgan needs --vqgan PATH (local weights; never downloaded), "
                          "or use --generator fourier, which needs no weights")
     plan = SynthesisPlan(
-        teacher=args.teacher, teacher_weights=args.teacher_weights, class_names=tuple(read_class_names(args.classes)),
+        teacher=args.teacher, teacher_weights=args.teacher_weights, class_names=tuple(read_class_names(args.classes, what='--classes')),
         diversifier=args.diversifier, generator=args.generator, per_class=args.per_class, seed=args.seed,
         steps=args.steps, image_size=args.image_size, n_cutouts=args.cutouts, lr=args.lr,
         n_style_tokens=args.style_tokens, contrastive_steps=args.contrastive_steps, vqgan=vqgan,

@@ -50,11 +50,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from clipdistill.engine.io import image_spec
 from clipdistill.engine.models.clip import import_open_clip
 
 GENERATORS = ("vqgan", "fourier", "pixel")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # A small VQModel for tests: two resolution levels (latent 1/2 of the image side), 64 codes.
 TINY_VQGAN_CONFIG = dict(
@@ -77,13 +76,8 @@ TINY_VQGAN_CONFIG = dict(
 
 def teacher_input_spec(teacher) -> tuple[int, torch.Tensor, torch.Tensor]:
     """The teacher's square input side and its normalization mean/std, each (1, 3, 1, 1)."""
-    visual = teacher.model.visual
-    cfg = getattr(visual, "preprocess_cfg", None) or {}
-    size = getattr(visual, "image_size", None) or cfg.get("size") or 224
-    side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    mean = torch.tensor(cfg.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", OPENAI_STD)).view(1, 3, 1, 1)
-    return side, mean, std
+    side, mean, std = image_spec(teacher.model)
+    return side, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
 
 def teacher_image_features(teacher, images: torch.Tensor, *, grad: bool = False) -> torch.Tensor:

@@ -108,21 +108,6 @@ class SynthesisResult:
     dropped: dict = field(default_factory=dict)
 
 
-def read_class_names(path: Union[str, Path]) -> list[str]:
-    """One class name per line; blank lines and lines starting with ``#`` are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class file {str(path)!r} does not exist (one class name per line)")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
-    if not names:
-        raise ValueError(f"class file {path} names no classes")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"class file {path} repeats {duplicates}")
-    return names
-
-
 def image_seed(seed: int, class_index: int, style_index: int) -> int:
     return int(np.random.SeedSequence([int(seed), IMAGE_SEED_TAG, int(class_index), int(style_index)]).generate_state(1)[0] & 0x7FFFFFFF)
 

@@ -407,9 +407,8 @@ def student_class_vectors(learner: nn.Module) -> Optional[torch.Tensor]:
     return learner.class_features().float()
 
 
-def image_preprocess(clip: nn.Module) -> tuple[int, tuple, tuple]:
-    """(size, mean, std) of a CLIP's image input (the training loop's own reading of it)."""
-    return image_spec(clip)
+# The old name of io.image_spec (the one reader of a model's image input), kept for its importers.
+image_preprocess = image_spec
 
 
 # ------------------------------------------------------------------------------ export
@@ -468,7 +467,7 @@ def export_student(
     backbone_state = clip.state_dict()
     if include_backbone:
         tensors.update({BACKBONE_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in backbone_state.items()})
-    size, mean, std = image_preprocess(clip)
+    size, mean, std = image_spec(clip)
     header = {
         "format": FORMAT,
         "method": method,
@@ -587,7 +586,7 @@ def load_export(
             raise ExportError(f"{path}: class vectors of shape {tuple(vectors.shape)}, expected "
                               f"({len(distilled.class_names)}, {expected})")
     classifier = StudentClassifier(learner, vectors, distilled.class_names)
-    size, mean, std = image_preprocess(clip)
+    size, mean, std = image_spec(clip)
     return LoadedStudent(classifier, list(distilled.class_names), size, tuple(mean), tuple(std), distilled)
 
 

@@ -277,12 +277,18 @@ def test_synthesized_images_match_a_fresh_uninterrupted_run(tmp_path, teacher, t
 
 
 def test_read_class_names(tmp_path):
+    # The data-free commands read class files with the engine's one reader (clipdistill.engine.io).
+    from clipdistill.engine.io import read_class_names
+
     path = tmp_path / "classes.txt"
-    path.write_text("# comment\ncat\n\n  sea lion \n")
-    assert synthesize.read_class_names(path) == ["cat", "sea lion"]
+    path.write_text("# comment\ncat\n  sea lion \n")
+    assert read_class_names(path, what="--classes") == ["cat", "sea lion"]
+    path.write_text("cat\n\nsea lion\n")
+    with pytest.raises(ValueError, match=r"--classes: .*line 2 is empty"):
+        read_class_names(path, what="--classes")
     path.write_text("cat\ncat\n")
     with pytest.raises(ValueError, match="repeats"):
-        synthesize.read_class_names(path)
+        read_class_names(path, what="--classes")
 
 
 # ----------------------------------------------------------------------------- report
