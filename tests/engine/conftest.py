@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,11 @@ from clipdistill.engine.models import TINY_STUDENT as STUDENT
 from clipdistill.engine.models import TINY_TEACHER as TEACHER
 
 CLASS_NAMES = ["cat", "golden retriever", "sea lion", "x-wing fighter", "tulip"]  # C = 5, a prime
+SHAPE_CLASSES = ["circle", "square", "triangle", "cross", "ring"]  # the demo's shapes, in its order
+
+_spec = importlib.util.spec_from_file_location("_run_config", Path(__file__).with_name("_run_config.py"))
+_run_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_run_config)
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +112,18 @@ def _forbid_everywhere(monkeypatch, function, message: str) -> int:
 def forbid(monkeypatch):
     """``forbid(function, message)``: calling ``function`` from any clipdistill module fails the test."""
     return lambda function, message: _forbid_everywhere(monkeypatch, function, message)
+
+
+@pytest.fixture(scope="session")
+def shape_data(shape_folder) -> Path:
+    """20 small generated JPEGs of the demo's five shapes and a class-name file: a tiny run's data."""
+    return shape_folder("train_data", SHAPE_CLASSES, 20, 40)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config():
+    """A factory: ``tiny_run_config(data_dir, out_dir, **sections)`` -> a tiny KDPL run's config dict.
+
+    See ``_run_config.tiny_run_config``: a dict updates a section, ``None`` drops it.
+    """
+    return _run_config.tiny_run_config

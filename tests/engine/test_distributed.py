@@ -27,6 +27,9 @@ from clipdistill.engine.parallel.zero import load_deepspeed_config
 _spec = importlib.util.spec_from_file_location("_gloo", Path(__file__).with_name("_gloo.py"))
 _gloo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_gloo)
+_spec = importlib.util.spec_from_file_location("_run_config", Path(__file__).with_name("_run_config.py"))
+_run_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_run_config)
 
 CLASSES = ["circle", "square", "triangle", "cross", "ring"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -181,19 +184,10 @@ def test_deepspeed_override_is_short_for_train_deepspeed(tmp_path, shape_folder,
 
 
 def _config(data_dir: Path, out_dir: Path, *, max_steps: int = 4, deepspeed: str | None = None, **train) -> dict:
-    return {
-        "recipe": "kdpl",
-        "teacher": {"name": "clipdistill-tiny-teacher", "weights": None},
-        "student": {"name": "clipdistill-tiny-student", "weights": None},
-        "learner": {"kind": "coop", "options": {"n_ctx": 2, "init_words": None}},
-        "data": {"train": str(data_dir / "images"), "class_names": str(data_dir / "classes.txt"),
-                 "templates": "generic", "batch_size": 8, "backend": "torch", "workers": 0,
-                 "interpolation": "bilinear"},
-        "optim": {"lr": 0.05, "warmup_steps": 1},
-        "train": {"epochs": 1, "max_steps": max_steps, "device": "cpu", "out_dir": str(out_dir), "log_every": 1,
-                  "checkpoint_every": 2, "keep_last": 5, "progress": False, "seed": 0, "deepspeed": deepspeed,
-                  **train},
-    }
+    """conftest's tiny run (``_run_config.py``) with lr 0.05, 4 steps, the last 5 checkpoints, ``train.deepspeed``."""
+    return _run_config.tiny_run_config(data_dir, out_dir, optim={"lr": 0.05},
+                                       train={"max_steps": max_steps, "keep_last": 5, "deepspeed": deepspeed,
+                                              **train})
 
 
 def _write_config(cfg: dict, path: Path) -> Path:

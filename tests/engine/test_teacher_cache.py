@@ -22,24 +22,23 @@ def data_dir(shape_folder) -> Path:
     return shape_folder("cache_data", CLASSES, 10, 48)
 
 
-def _config(data_dir: Path, out: Path, **train) -> dict:
-    return {
-        "recipe": "kdpl",
-        "teacher": {"name": "clipdistill-tiny-teacher", "weights": None},
-        "student": {"name": "clipdistill-tiny-student", "weights": None},
-        "learner": {"kind": "coop", "options": {"n_ctx": 2, "init_words": None}},
-        "data": {"train": str(data_dir / "images"), "class_names": str(data_dir / "classes.txt"),
-                 "templates": "generic", "batch_size": 4, "backend": "torch", "workers": 0,
-                 "interpolation": "bilinear", "min_scale": 0.3},
-        "train": {"max_steps": 3, "device": "cpu", "out_dir": str(out), "progress": False, "log_every": 1,
-                  "seed": 0, **train},
-    }
+@pytest.fixture(scope="module")
+def run_config(tiny_run_config):
+    """``run_config(data_dir, out, **train)``: conftest's tiny run with batches of 4, crops of at least 30% of
+    the image, and the recipe's optimizer, epochs and checkpoint interval."""
+    def config(data_dir: Path, out: Path, **train) -> dict:
+        cfg = tiny_run_config(data_dir, out, data={"batch_size": 4, "min_scale": 0.3}, optim=None, train=train)
+        for key in {"epochs", "checkpoint_every"} - set(train):
+            del cfg["train"][key]
+        return cfg
+
+    return config
 
 
 @pytest.fixture(scope="module")
-def cache_dir(data_dir, tmp_path_factory) -> Path:
+def cache_dir(data_dir, tmp_path_factory, run_config) -> Path:
     out = tmp_path_factory.mktemp("cache")
-    cfg = load_run_config(_config(data_dir, out / "run"))
+    cfg = load_run_config(run_config(data_dir, out / "run"))
     torch.manual_seed(0)
     summary = build_teacher_cache(cfg, views=3, out=out / "cache", shard_size=4, batch_size=5, progress=False,
                                   log=lambda m: None)
@@ -72,9 +71,9 @@ def test_cache_layout_and_features_match_the_teacher(cache_dir, data_dir):
     assert crops[0].tolist() == views[0, :4].tolist() and bool(flips[0]) == bool(views[0, 4])
 
 
-def test_cached_loss_equals_online_loss_for_the_same_view(cache_dir, data_dir, tmp_path):
+def test_cached_loss_equals_online_loss_for_the_same_view(cache_dir, data_dir, tmp_path, run_config):
     torch.manual_seed(0)
-    cfg = load_run_config(_config(data_dir, tmp_path / "cached"), [f"teacher.cache={cache_dir}"])
+    cfg = load_run_config(run_config(data_dir, tmp_path / "cached"), [f"teacher.cache={cache_dir}"])
     cached = build_run(cfg, log=lambda m: None)
     batch = next(iter(cached.loader))
     trainer = Trainer(cached, log=lambda m: None)
@@ -83,7 +82,7 @@ def test_cached_loss_equals_online_loss_for_the_same_view(cache_dir, data_dir, t
     loss_cached = cached.step(None, student_images, mask.float(), teacher_features=features)["kd"]
 
     torch.manual_seed(0)
-    online = build_run(load_run_config(_config(data_dir, tmp_path / "online")), log=lambda m: None)
+    online = build_run(load_run_config(run_config(data_dir, tmp_path / "online")), log=lambda m: None)
     online.step.load_saved_state(cached.step.state_to_save())
     real = batch.mask.numpy()
     images = online.loader.render(batch.sample_ids.numpy()[real], batch.crops.numpy()[real],
@@ -93,11 +92,11 @@ def test_cached_loss_equals_online_loss_for_the_same_view(cache_dir, data_dir, t
     assert loss_cached.item() == pytest.approx(loss_online.item(), rel=2e-3, abs=1e-4)
 
 
-def test_training_from_the_cache_never_loads_the_teacher(cache_dir, data_dir, tmp_path, forbid):
+def test_training_from_the_cache_never_loads_the_teacher(cache_dir, data_dir, tmp_path, forbid, run_config):
     from clipdistill.engine.models.clip import build_teacher
 
     forbid(build_teacher, "the teacher model was loaded")
-    cfg = load_run_config(_config(data_dir, tmp_path, max_steps=4), [f"teacher.cache={cache_dir}"])
+    cfg = load_run_config(run_config(data_dir, tmp_path, max_steps=4), [f"teacher.cache={cache_dir}"])
     run = build_run(cfg, log=lambda m: None)
     summary = Trainer(run, log=lambda m: None).fit()
     assert summary["step"] == 4 and np.isfinite(summary["loss/kd"])
@@ -114,8 +113,8 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, data_dir, tm
     assert len({tuple(v) for v in seen.values()}) > 1
 
 
-def test_interrupted_build_resumes_to_the_same_files(data_dir, cache_dir, tmp_path):
-    cfg = load_run_config(_config(data_dir, tmp_path / "run"))
+def test_interrupted_build_resumes_to_the_same_files(data_dir, cache_dir, tmp_path, run_config):
+    cfg = load_run_config(run_config(data_dir, tmp_path / "run"))
     torch.manual_seed(0)
     first = build_teacher_cache(cfg, views=3, out=tmp_path / "c", shard_size=4, batch_size=5, progress=False,
                                 max_shards=1, log=lambda m: None)
@@ -132,9 +131,9 @@ def test_interrupted_build_resumes_to_the_same_files(data_dir, cache_dir, tmp_pa
         assert (tmp_path / "c" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_refusals_say_what_differs(cache_dir, data_dir, tmp_path):
+def test_refusals_say_what_differs(cache_dir, data_dir, tmp_path, run_config):
     def run_with(*overrides, cache=cache_dir):
-        cfg = load_run_config(_config(data_dir, tmp_path / "r"), [f"teacher.cache={cache}", *overrides])
+        cfg = load_run_config(run_config(data_dir, tmp_path / "r"), [f"teacher.cache={cache}", *overrides])
         return build_run(cfg, log=lambda m: None)
 
     with pytest.raises(TeacherCacheError, match="teacher model: cache has 'clipdistill-tiny-teacher'"):
@@ -164,18 +163,18 @@ def test_refusals_say_what_differs(cache_dir, data_dir, tmp_path):
     with pytest.raises(TeacherCacheError, match=r"shard-00002\.views\.npy: checksum mismatch"):
         run_with(cache=corrupted)
     with pytest.raises(TeacherCacheError, match="another configuration"):
-        build_teacher_cache(load_run_config(_config(data_dir, tmp_path / "r"), ["data.min_scale=0.9"]), views=3,
+        build_teacher_cache(load_run_config(run_config(data_dir, tmp_path / "r"), ["data.min_scale=0.9"]), views=3,
                             out=cache_dir, shard_size=4, progress=False, log=lambda m: None)
 
 
-def test_cli_cache_teacher_prints_a_summary(data_dir, tmp_path):
+def test_cli_cache_teacher_prints_a_summary(data_dir, tmp_path, run_config):
     import subprocess
     import sys
 
     import yaml
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_config(data_dir, tmp_path / "run")))
+    config.write_text(yaml.safe_dump(run_config(data_dir, tmp_path / "run")))
     exe = Path(sys.executable).parent / "clipdistill"
     proc = subprocess.run([str(exe), "cache-teacher", "--config", str(config), "--views", "2", "--out",
                            str(tmp_path / "cache"), "--shard-size", "8", "--no-progress"],
