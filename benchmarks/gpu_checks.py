@@ -222,6 +222,10 @@ def compiled_kernels(module) -> list[dict]:
                         kernel._init_handles()
                     meta = kernel.metadata
                     constants = getattr(getattr(kernel, "src", None), "constants", None) or {}
+                    names = getattr(fn, "arg_names", [])
+                    # Triton 3.x keys constants by argument path ((index,)); name them.
+                    constants = {(names[k[0]] if isinstance(k, tuple) and len(k) == 1 and k[0] < len(names) else k): v
+                                 for k, v in dict(constants).items()}
                     out.append({
                         "name": attr, "registers": getattr(kernel, "n_regs", None),
                         "spills": getattr(kernel, "n_spills", None), "shared_bytes": getattr(meta, "shared", None),
@@ -233,14 +237,25 @@ def compiled_kernels(module) -> list[dict]:
     return out
 
 
-def _config_matches(static_config, real: dict) -> bool | None:
-    """True/False where the static report's config can be compared with a compiled kernel; None if not."""
-    facts = {**real["constants"], "num_warps": real["num_warps"], "num_stages": real["num_stages"]}
+def _config_matches(static_config, real: dict, dtype: str | None = None) -> bool | None:
+    """True/False where the static report's config can be compared with a compiled kernel; None if not.
+
+    A dict config (benchmarks.kernel_report's: case, dtype, constexprs, num_warps, num_stages, ...) is
+    compared on the constexprs, warps and stages it shares with the compiled kernel, and on the dtype;
+    a string config on its ``KEY=VALUE`` tokens.
+    """
+    facts = {**{str(k): v for k, v in real["constants"].items()}, "num_warps": real["num_warps"],
+             "num_stages": real["num_stages"]}
     if isinstance(static_config, dict):
-        common = [k for k in static_config if k in facts]
-        if not common:
+        flat = {k: v for k, v in static_config.items() if not isinstance(v, (dict, list))}
+        flat.update(static_config.get("constexprs") or {})
+        if dtype is not None and "dtype" in flat and _short_dtype(flat["dtype"]) != _short_dtype(dtype):
+            return False
+        # Numbers only: a dtype constexpr prints differently in the report and in Triton's cache.
+        common = [k for k in flat if k in facts and isinstance(flat[k], (int, float, bool))]
+        if not any(k not in ("num_warps", "num_stages") for k in common):
             return None
-        return all(str(static_config[k]) == str(facts[k]) for k in common)
+        return all(str(flat[k]) == str(facts[k]) for k in common)
     if isinstance(static_config, str):
         tokens = [t for t in static_config.replace(",", " ").split() if "=" in t]
         pairs = [t.split("=", 1) for t in tokens if t.split("=", 1)[0] in facts]
@@ -250,10 +265,17 @@ def _config_matches(static_config, real: dict) -> bool | None:
     return None
 
 
+def _short_dtype(name) -> str:
+    name = str(name).replace("torch.", "")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}.get(name, name)
+
+
 def static_report(timeout_s: float) -> tuple[list[dict] | None, str]:
     """``python -m benchmarks.kernel_report``'s kernels (its last stdout line), or None and why not."""
     if importlib.util.find_spec("benchmarks.kernel_report") is None:
         return None, "benchmarks.kernel_report does not exist in this tree"
+    if timeout_s <= 0:
+        return None, "benchmarks.kernel_report not run (--report-timeout-s 0)"
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report"], capture_output=True, text=True,
                               timeout=timeout_s, cwd=Path(__file__).resolve().parents[1])
@@ -301,7 +323,7 @@ def check_kernel_resources(device: torch.device, report_timeout_s: float) -> int
                "num_stages": kernel["num_stages"], "constants": kernel["constants"], "static_report": why}
         if static is not None:
             same_name = [k for k in static if k.get("name") == kernel["name"]]
-            matched = [k for k in same_name if _config_matches(k.get("config"), kernel) is True]
+            matched = [k for k in same_name if _config_matches(k.get("config"), kernel, str(dtype)) is True]
             pick = matched[0] if matched else (same_name[0] if len(same_name) == 1 else None)
             if pick is not None:
                 row.update(static_config=pick.get("config"), static_registers=pick.get("registers"),
@@ -407,9 +429,9 @@ def check_nvjpeg(device: torch.device, n_images: int, batch: int, workers: int, 
             def run():
                 for i in range(0, len(paths) - batch + 1, batch):
                     images = decode_jpeg([read_file(p) for p in paths[i:i + batch]], device=device.type)
-                    if resize:
-                        x = torch.stack(images)
-                        x = F.interpolate(x.float(), size=(224, 224), mode="bilinear", antialias=True)
+                    if resize:  # sizes differ (the generated photos jitter around 500x375): one at a time
+                        x = torch.cat([F.interpolate(img[None].float(), size=(224, 224), mode="bilinear",
+                                                     antialias=True) for img in images])
                         _normalize(x, dtype)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -464,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     kd = sub.add_parser("kd-correctness", help="kd_loss in bf16/fp16/fp32 against float64")
     kd.add_argument("--small", action="store_true", help="tiny shapes only")
     resources = sub.add_parser("kernel-resources", help="compiled kd_loss kernels vs benchmarks.kernel_report")
-    resources.add_argument("--report-timeout-s", type=float, default=60.0)
+    resources.add_argument("--report-timeout-s", type=float, default=60.0,
+                           help="limit for python -m benchmarks.kernel_report (0: do not run it)")
     jpeg = sub.add_parser("nvjpeg", help="torchvision's nvJPEG decode vs a PIL DataLoader")
     jpeg.add_argument("--images", type=int, default=1024)
     jpeg.add_argument("--batch", type=int, default=256)

@@ -6,7 +6,7 @@
 #   bash benchmarks/prepare_gpu_wheels.sh dali        # -> .dali1 .. .daliN (DALI's full set, split; each
 #                                                      #    carry <= 55 MiB with the working tree)
 #   bash benchmarks/prepare_gpu_wheels.sh deepspeed   # -> .whl-ds/ (DeepSpeed built here + its dependencies)
-#   bash benchmarks/prepare_gpu_wheels.sh all
+#   bash benchmarks/prepare_gpu_wheels.sh all         # or several: core dali
 #
 # The GPU machine has Python 3.12, torch 2.11 (cu130), triton 3.6, torchvision 0.26, timm,
 # regex, tqdm, huggingface_hub, safetensors, numpy, packaging, pyyaml, six, wheel; it lacks
@@ -14,7 +14,6 @@
 # is ignored by git (.gitignore); the last line printed is one JSON line of sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHAT="${1:-core}"
 LIMIT_MIB="${LIMIT_MIB:-55}"
 PY="${PYTHON:-python3}"
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
@@ -56,13 +55,16 @@ prepare_deepspeed() {
   DS_BUILD_OPS=0 "${DS_PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl-ds
 }
 
-case "$WHAT" in
-  core) prepare_core ;;
-  dali) prepare_dali ;;
-  deepspeed) prepare_deepspeed ;;
-  all) prepare_core; prepare_dali; prepare_deepspeed ;;
-  *) echo "usage: $0 core|dali|deepspeed|all" >&2; exit 2 ;;
-esac
+[ $# -gt 0 ] || set -- core
+for what in "$@"; do
+  case "$what" in
+    core) prepare_core ;;
+    dali) prepare_dali ;;
+    deepspeed) prepare_deepspeed ;;
+    all) prepare_core; prepare_dali; prepare_deepspeed ;;
+    *) echo "usage: $0 core|dali|deepspeed|all ..." >&2; exit 2 ;;
+  esac
+done
 folders=()
 for f in .whl .whl-ds .dali[0-9]*; do [ -d "$f" ] && folders+=("$f"); done
 du -sh "${folders[@]}" 2>/dev/null | sed 's/^/  /'

@@ -46,6 +46,9 @@ def test_caps_fit_the_phase_budget_and_its_timeout(phase):
         assert names.index("install") < names.index("ceilings") < names.index("kd-correctness") \
             < names.index("kd-bench-large-vocab") < names.index("e2e") < names.index("nvjpeg") < names.index("pytest-gpu")
         assert steps[-1].leftover
+        from benchmarks.bench_kd_loss import PROVIDERS
+
+        assert sorted(gpu_suite.KD_PROVIDERS) == sorted(PROVIDERS) and gpu_suite.KD_PROVIDERS[-1] == "compiled"
 
 
 def test_plan_prints_the_cap_table(capsys):
@@ -107,6 +110,29 @@ def test_core_dry_run_results_hold_every_steps_rows(core_dry_run):
     correctness = [json.loads(r) for r in rows["results/kd_loss_correctness.jsonl"]]
     assert {r["dtype"] for r in correctness} == {"bfloat16", "float16", "float32"} and all(r["ok"] for r in correctness)
     assert all(json.loads(r)["quick"] for r in rows["results/device_ceilings.jsonl"])
+
+
+def test_import_results_appends_gpu_rows_and_refuses_a_dry_run(core_dry_run, tmp_path):
+    _, out, _ = core_dry_run
+    with pytest.raises(ValueError, match="dry run"):
+        gpu_suite.import_results(out / "results.tar.gz", tmp_path)
+    # A GPU run's tarball: one real row and one quick row.
+    work = tmp_path / "run"
+    (work / "results").mkdir(parents=True)
+    rows = [{"benchmark": "kd_loss", "provider": "ours", "quick": False, "device": "NVIDIA H200"},
+            {"benchmark": "kd_loss", "provider": "ours", "quick": True}]
+    (work / "results" / "kd_loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "summary.json").write_text(json.dumps({"phase": "core", "dry_run": False, "date": "2026-12-01T10:00:00Z"}))
+    with tarfile.open(tmp_path / "r.tar.gz", "w:gz") as tar:
+        tar.add(work / "results", arcname="results")
+        tar.add(work / "summary.json", arcname="summary.json")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "kd_loss.jsonl").write_text('{"old": 1}\n')
+    report = gpu_suite.import_results(tmp_path / "r.tar.gz", dest)
+    assert report["rows_added"] == {"kd_loss.jsonl": 1}
+    assert len((dest / "kd_loss.jsonl").read_text().splitlines()) == 2
+    assert (dest / "gpu_suite" / "20261201T100000Z_core.json").is_file()
 
 
 def test_sigterm_stops_the_step_kills_its_group_and_packs(tmp_path):
@@ -225,6 +251,12 @@ def test_static_config_matching():
     assert gpu_checks._config_matches({"BLOCK_M": 128}, real) is False
     assert gpu_checks._config_matches("BLOCK_M=64, BLOCK_N=64 num_warps=8", real) is True
     assert gpu_checks._config_matches("64x64x64", real) is None
+    # benchmarks.kernel_report's form: constexprs nested, and a dtype.
+    report = {"case": "large_vocab", "dtype": "bf16", "constexprs": {"BLOCK_M": 64, "BLOCK_N": 64},
+              "num_warps": 8, "num_stages": 2, "grid": [1, 2]}
+    assert gpu_checks._config_matches(report, real, "bfloat16") is True
+    assert gpu_checks._config_matches(report, real, "float32") is False
+    assert gpu_checks._config_matches(dict(report, num_warps=4), real, "bfloat16") is False
 
 
 def test_compiled_kernels_reads_triton_style_caches():
@@ -234,10 +266,74 @@ def test_compiled_kernels_reads_triton_style_caches():
     class Kernel:
         metadata, n_regs, n_spills = Meta(), 113, 0
 
+    class Kernel:
+        metadata, n_regs, n_spills = Meta(), 113, 0
+        src = type("Src", (), {"constants": {(2,): 64}})()
+
     class Fn:
+        arg_names = ["X_ptr", "n_rows", "BLOCK_M"]
         device_caches = {0: ({"key-a": Kernel()}, {}, "target", "backend", "binder")}
 
     module = type("M", (), {"_kd_loss_fwd_kernel": Fn(), "other": 3})
     (row,) = gpu_checks.compiled_kernels(module)
     assert row["name"] == "_kd_loss_fwd_kernel" and row["registers"] == 113 and row["spills"] == 0
-    assert row["shared_bytes"] == 32768 and row["num_warps"] == 8
+    assert row["shared_bytes"] == 32768 and row["num_warps"] == 8 and row["constants"] == {"BLOCK_M": 64}
+
+
+def test_documented_device_calls_parse_and_fit_the_limits():
+    import re
+    import shlex
+
+    calls = []
+    for doc in ("benchmarks/README.md", "DEVELOPERS.md"):
+        calls += re.findall(r'^run\(command="(.*?)", carry=\[(.*?)\], timeout_s=(\d+)\)$',
+                            (REPO_ROOT / doc).read_text(), re.MULTILINE)
+    suite_calls = [c for c in calls if "gpu_suite.py" in c[0]]
+    assert len(suite_calls) >= 4
+    for command, carry, timeout_s in calls:
+        assert int(timeout_s) <= 600 and len(command) <= 2000 and carry.count('"') // 2 <= 8
+    for command, carry, timeout_s in suite_calls:
+        words = shlex.split(command.split("&&")[-1])
+        i = words.index("timeout")
+        limit = int(words[i + 3]) + int(words[i + 2])  # timeout -k KILL_AFTER LIMIT
+        assert limit < int(timeout_s), command
+        args = gpu_suite.build_parser().parse_args(words[words.index("benchmarks/gpu_suite.py") + 1:])
+        assert gpu_suite.PHASE_TIMEOUT_S[args.phase] == int(words[i + 3]), command
+
+
+def test_nvjpeg_timing_path_with_a_stand_in_decoder(tmp_path, monkeypatch):
+    """The batched-decode timing runs on photos of differing sizes (torchvision's ops cannot load on
+    this CPU build, so a PIL stand-in plays decode_jpeg)."""
+    import types
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def read_file(path):
+        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+    def decode_jpeg(datas, device="cpu"):
+        import io
+
+        out = []
+        for data in datas:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                out.append(torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).to(device))
+        return out
+
+    fake = types.ModuleType("torchvision")
+    fake.io = types.ModuleType("torchvision.io")
+    fake.io.read_file, fake.io.decode_jpeg, fake.__version__ = read_file, decode_jpeg, "stand-in"
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake.io)
+    monkeypatch.setattr("benchmarks.harness.RESULTS_DIR", tmp_path / "results")
+    assert gpu_checks.check_nvjpeg(torch.device("cpu"), 8, 4, 0, 1, tmp_path / "data") == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "results" / "jpeg_decode.jsonl").read_text().splitlines()]
+    assert rows[0]["status"] == "ok" and rows[0]["median"] == 0.0
+    metrics = {(r["provider"].split("[")[0], r["metric"]) for r in rows[1:]}
+    assert metrics == {("nvjpeg-batched", "decode_epoch_time"), ("nvjpeg-batched", "decode_resize_normalize_epoch_time"),
+                       ("pil-dataloader", "decode_resize_normalize_epoch_time")}
+    assert all(r["images_per_s"] > 0 and r["images"] == 8 for r in rows[1:])
+    sizes = {Image.open(p).size for p in (tmp_path / "data").rglob("*.jpg")}
+    assert len(sizes) > 1  # the photos' sizes differ: the resize cannot stack them first
