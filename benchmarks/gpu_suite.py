@@ -138,8 +138,11 @@ def parse_checks(cases: list[tuple[str, list[str]]], timeout_s: float = 120.0) -
     """
     if not cases:
         return []
-    proc = subprocess.run([sys.executable, "-c", _PARSE_SNIPPET, json.dumps(cases)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout_s)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PARSE_SNIPPET, json.dumps(cases)], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return [(m, False, f"parse check ran past {timeout_s:.0f} s") for m, _ in cases]
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("__PARSE__"):
             return [tuple(r) for r in json.loads(line[len("__PARSE__"):])]
@@ -159,8 +162,8 @@ def e2e_entry() -> tuple[str, list[str]]:
 def e2e_learners(wanted: tuple[str, ...] = ("coop", "promptkd")) -> tuple[list[str], str]:
     """The learners of ``wanted`` that the e2e benchmark accepts (asked of its own parser), and a note."""
     module, lead = e2e_entry()
-    accepted = [name for name in wanted
-                if parse_checks([(module, [*lead, "--quick", "--learners", name])])[0][1]]
+    results = parse_checks([(module, [*lead, "--quick", "--learners", name]) for name in wanted], timeout_s=60)
+    accepted = [name for name, (_, ok, _) in zip(wanted, results) if ok]
     refused = [name for name in wanted if name not in accepted]
     note = f"{module} does not accept --learners {' '.join(refused)}; not run" if refused else ""
     return accepted or ["coop"], note
@@ -224,7 +227,8 @@ def dali_steps(py_args: dict) -> list[Step]:
     return [
         Step("install", 90, "join + check the DALI parts, install them, .whl, clipdistill", internal=install_dali),
         Step("env", 20, "nvidia-smi, versions, DALI imports", ["-m", "benchmarks.gpu_checks", "env"],
-             ["-m", "benchmarks.gpu_checks", "--device", "cpu", "env"], parse_module="benchmarks.gpu_checks"),
+             ["-m", "benchmarks.gpu_checks", "--device", "cpu", "env", "--imports", "clipdistill.loaders", "nvidia.dali"],
+             parse_module="benchmarks.gpu_checks"),
         Step("bench-loader", 150, f"dali-gpu vs torch (min(16, cores) = {workers} workers), 2048 photos, 224 and 224+336",
              ["-m", "benchmarks.bench_loader", "--backends", "dali-gpu", "torch", "--workers", workers,
               "--images", "2048", "--batch", "256", "--repeats", "3", "--index-files", "0", "--budget-s", "120",
@@ -273,8 +277,14 @@ def _install_wheels(suite: "Suite", wheels: list[Path], deadline: float) -> str:
     if not wheels:
         return "no wheels"
     target = suite.site_dir
+    # The dry run installs for the GPU machine's interpreter (CPython 3.12, manylinux x86-64) into a
+    # folder of its own: it proves that the carried set installs there, whatever Python runs it here.
+    for_gpu = (["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
+                *[f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                                              "manylinux2014_x86_64", "manylinux1_x86_64", "manylinux_2_34_x86_64")]]
+               if suite.dry_run else [])
     rc = _pip(suite, ["install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
-                      "--target", str(target), *map(str, wheels)], deadline - time.time())
+                      *for_gpu, "--target", str(target), *map(str, wheels)], deadline - time.time())
     if rc:
         raise RuntimeError(f"pip install of {len(wheels)} wheels failed (rc={rc})")
     if not suite.dry_run:  # the dry run only proves that they install; its children keep the venv's packages
@@ -326,11 +336,14 @@ def install_dali(suite: "Suite", deadline: float) -> tuple[str, str]:
             return status, "no DALI parts here (dry run); " + detail
         raise RuntimeError("no DALI part folders: give --parts (the folder the calls copied them to) "
                            "or carry .dali1 .. .daliN")
-    joined = join_split_wheels(part_dirs, Path(tempfile.gettempdir()) / "clipdistill-joined")
+    joined = join_split_wheels(part_dirs, (suite.work if suite.dry_run else Path(tempfile.gettempdir())) / "clipdistill-joined")
     wheels, check = _core_wheels(suite)
-    from importlib import metadata
+    if suite.dry_run:  # what the GPU machine has (KINDS.md), not what this venv has
+        have = {ln.split("#")[0].strip() for ln in (WHEELSETS / "gpu_machine.txt").read_text().splitlines()} - {""}
+    else:
+        from importlib import metadata
 
-    have = {d.metadata["Name"] or "" for d in metadata.distributions()}
+        have = {d.metadata["Name"] or "" for d in metadata.distributions()}
     unmet = unmet_requirements(joined + wheels, have)
     detail = [f"joined {len(joined)} wheels from {len(part_dirs)} folders (checksums ok)", check,
               ("unmet: " + "; ".join(unmet)) if unmet else "every requirement met",
@@ -508,6 +521,8 @@ class Suite:
     def close(self) -> None:
         sys.stdout = self.stdout
         self._log.close()
+        if self.dry_run:  # everything worth keeping is in $OUT; a dali dry run's folder holds ~1 GB
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def _scale_and_budget(args: argparse.Namespace) -> tuple[float, float]:
@@ -676,13 +691,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             # whether the e2e benchmark accepts PromptKD: one process, imports paid once.
             cases = [(s.parse_module, s.gpu_args[2:]) for s in all_steps if s.parse_module and s.gpu_args]
             e2e_module, lead = e2e_entry()
-            probe = (e2e_module, [*lead, "--quick", "--learners", "promptkd"])
-            results = parse_checks(cases + [probe])
+            probe = [(e2e_module, [*lead, "--quick", "--learners", "promptkd"])] if args.phase == "core" else []
+            results = parse_checks(cases + probe)
             for (module, argv_), (_, ok, detail) in zip(cases, results):
                 suite.checks.append({"check": f"parse {module} {' '.join(argv_)}"[:90], "ok": ok, "detail": detail})
-            suite.checks.append({"check": "e2e learners", "ok": True,
-                                 "detail": "coop" + (" promptkd" if results[-1][1] else
-                                                     f"; {e2e_module} does not accept --learners promptkd")})
+            if probe:
+                suite.checks.append({"check": "e2e learners", "ok": True,
+                                     "detail": "coop" + (" promptkd" if results[-1][1] else
+                                                         f"; {e2e_module} does not accept --learners promptkd")})
     except Terminated:
         interrupted = True
         suite.say("=== SIGTERM: packing what was measured")

@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     split = sub.add_parser("split", help="split wheels into carry-sized folders")
     split.add_argument("wheels", nargs="+", type=Path)
     split.add_argument("--limit-mib", type=float, default=55.0, help="per carry, the working tree included")
+    split.add_argument("--headroom-mib", type=float, default=2.0,
+                       help="room left for the tree to grow between this split and the device calls")
     split.add_argument("--prefix", default=".dali")
     split.add_argument("--dest", type=Path, default=REPO_ROOT)
     sizes = sub.add_parser("sizes", help="the tree's and each folder's size, and each carry's total")
@@ -237,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tree = tree_bytes()
     if args.command == "split":
-        budget = int(args.limit_mib * MIB) - tree
+        budget = int((args.limit_mib - args.headroom_mib) * MIB) - tree
         folders = split_wheels(args.wheels, args.dest, folder_budget_bytes=budget, prefix=args.prefix)
-        report = {"tree_mib": round(tree / MIB, 2), "limit_mib": args.limit_mib,
+        report = {"tree_mib": round(tree / MIB, 2), "limit_mib": args.limit_mib, "headroom_mib": args.headroom_mib,
                   "folders": {f.name: round(folder_bytes(f) / MIB, 2) for f in folders}}
     else:
         report = {"tree_mib": round(tree / MIB, 2),
