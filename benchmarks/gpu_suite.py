@@ -715,9 +715,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_fmt_table(suite.rows, ["step", "cap_s", "seconds", "status", "detail"]))
         failed = [r["step"] for r in suite.rows if r["status"] not in ("ok", "skipped")]
         failed += [c["check"] for c in suite.checks if not c["ok"]]
+        # Each step's own last JSON line (its key numbers), so that the call's output tail holds them
+        # even if no file came back.
+        key = {r["step"]: {k: v for k, v in r["json"].items() if k not in ("device", "versions", "imports")}
+               for r in suite.rows if isinstance(r.get("json"), dict)}
         print(json.dumps({"suite": "gpu_suite", "phase": args.phase, "dry_run": args.dry_run,
                           "steps": len(suite.rows), "ok": sum(r["status"] == "ok" for r in suite.rows),
-                          "failed": failed, "interrupted": interrupted,
+                          "failed": failed, "interrupted": interrupted, "key": key,
                           "elapsed_s": round(time.time() - suite.started, 1), "out": str(suite.out),
                           "files": sorted(p.name for p in suite.out.iterdir() if p.is_file())}), flush=True)
         suite.close()
