@@ -50,8 +50,15 @@ def folder_bytes(path: Path) -> int:
 
 def tree_bytes(repo_root: Path = REPO_ROOT) -> int:
     """Bytes the device tool sends for the tree: tracked plus untracked-not-ignored files, and shared/."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=repo_root, capture_output=True, check=True).stdout
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=repo_root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # no git here: every file but the usual ignored ones
+        skip = (".git", ".venv", ".whl", ".dali", "__pycache__", ".pytest_cache", ".benchmarks")
+        return sum(p.stat().st_size for p in Path(repo_root).rglob("*")
+                   if p.is_file() and not p.is_symlink()
+                   and not any(part.startswith(skip) or part.endswith(".egg-info")
+                               for part in p.relative_to(repo_root).parts))
     total = 0
     for name in filter(None, out.decode().split("\0")):
         path = repo_root / name

@@ -156,7 +156,13 @@ def test_sigterm_stops_the_step_kills_its_group_and_packs(tmp_path):
         assert "logs/nvjpeg.log" in tar.getnames()
     # The step's whole process group is gone (its DataLoader workers too).
     time.sleep(0.5)
-    left = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True).stdout.split()
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(data).encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:  # the process ended meanwhile
+            pass
     assert left == [], left
 
 
