@@ -282,12 +282,14 @@ def static_report(timeout_s: float) -> tuple[list[dict] | None, str]:
     except subprocess.TimeoutExpired:
         return None, f"benchmarks.kernel_report ran past {timeout_s:.0f} s"
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    if proc.returncode != 0 or not lines:
-        return None, f"benchmarks.kernel_report failed (rc={proc.returncode}): {proc.stderr.strip()[-300:]}"
+    # A report that found problems (spills, atomics in loops) may exit non-zero after its JSON line:
+    # its numbers are still the ones to compare.
+    status = "ok" if proc.returncode == 0 else f"ok (kernel_report exited {proc.returncode})"
     try:
-        return json.loads(lines[-1])["kernels"], "ok"
-    except (ValueError, KeyError, TypeError) as exc:
-        return None, f"benchmarks.kernel_report's last line is not the expected JSON: {exc}"
+        return json.loads(lines[-1])["kernels"], status
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        return None, (f"benchmarks.kernel_report gave no JSON last line (rc={proc.returncode}, {exc!r}): "
+                      f"{proc.stderr.strip()[-300:]}")
 
 
 def check_kernel_resources(device: torch.device, report_timeout_s: float) -> int:

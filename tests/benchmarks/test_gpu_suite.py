@@ -343,3 +343,26 @@ def test_nvjpeg_timing_path_with_a_stand_in_decoder(tmp_path, monkeypatch):
     assert all(r["images_per_s"] > 0 and r["images"] == 8 for r in rows[1:])
     sizes = {Image.open(p).size for p in (tmp_path / "data").rglob("*.jpg")}
     assert len(sizes) > 1  # the photos' sizes differ: the resize cannot stack them first
+
+
+def test_static_report_reads_the_last_json_line_even_after_a_failing_exit(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "benchmarks.kernel_report" else real_find_spec(name, *a))
+    kernels = [{"name": "_kd_loss_fwd_kernel", "config": {"dtype": "bf16"}, "registers": 113, "spills": 0}]
+
+    def fake_run(cmd, **kwargs):
+        assert cmd[1:] == ["-m", "benchmarks.kernel_report"] and kwargs["timeout"] == 9
+        return subprocess.CompletedProcess(cmd, 1, stdout="a table\n" + json.dumps({"kernels": kernels}) + "\n",
+                                           stderr="spills found")
+
+    monkeypatch.setattr(gpu_checks.subprocess, "run", fake_run)
+    got, why = gpu_checks.static_report(9)
+    assert got == kernels and why == "ok (kernel_report exited 1)"
+    monkeypatch.setattr(gpu_checks.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, stdout="", stderr="boom"))
+    got, why = gpu_checks.static_report(9)
+    assert got is None and "boom" in why
+    assert gpu_checks.static_report(0) == (None, "benchmarks.kernel_report not run (--report-timeout-s 0)")
