@@ -3,7 +3,7 @@
 Every benchmark module is listed in :data:`REGISTERED`; each exposes
 ``main(argv=None) -> int`` (``--quick`` for a CPU-sized run) and
 ``cpu_cases() -> list[tuple[str, Callable[[], object]]]`` for the pytest-benchmark
-smoke tier. ``benchmarks/gpu_suite.py`` runs all of them on the GPU machine.
+smoke tier. ``benchmarks/gpu_suite.py`` runs them on the GPU machine in time-boxed phases.
 """
 from __future__ import annotations
 

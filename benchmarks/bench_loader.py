@@ -1,7 +1,8 @@
 """Loader throughput: images/s and CPU use per backend and worker count, and ``clipdistill index`` files/s.
 
     python -m benchmarks.bench_loader [--quick] [--images N] [--batch B] [--backends torch dali-cpu dali-gpu]
-                                      [--workers 1 2 ...] [--index-files N] [--data DIR]
+                                      [--workers 1 2 ...] [--outputs 224 224+336] [--repeats R]
+                                      [--index-files N] [--data DIR] [--budget-s S]
 
 Data: generated ImageNet-like JPEGs (about 500x375, quality 90, natural-looking:
 smooth multi-scale fields, sharp-edged shapes, texture and grain; see
@@ -17,6 +18,13 @@ backend when there is one):
 - ``index``: the cheap check (magic bytes + end marker) over ``--index-files``
   files with 1 process and with all cores (the scan is not timed), and the whole
   command (scan, check, lists written).
+
+Rows are recorded (and flushed) as each case finishes, so a run stopped at a time limit keeps
+what it measured; ``--budget-s`` stops starting new cases once that much time has passed.
+Defaults are sized per machine: the CPU machine gets every worker count and the index
+benchmark; a GPU machine (whose suite has minutes, not hours) gets 2,048 images, the
+machine's core count of workers (at most 16), and no index corpus (the index check is a CPU
+benchmark, measured on the CPU machine).
 
 Timing is wall clock (time.perf_counter) through the shared harness; images/s
 is images per epoch over the median epoch time; cpu_util is the process's and
@@ -153,16 +161,22 @@ def available_backends() -> list[str]:
 
 
 def loader_rows(photos: Path, n_images: int, backends, workers_list, batch: int, repeats: int,
-                cache_dir: Path) -> list[dict]:
+                cache_dir: Path, outputs=((224,), (224, 336)), *, quick: bool = False,
+                deadline: float | None = None) -> list[dict]:
+    """One epoch-time row per backend x workers x outputs, each recorded as soon as it is measured."""
     rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for backend in backends:
         for workers in workers_list:
-            for sizes in ((224,), (224, 336)):
+            for sizes in outputs:
+                if deadline is not None and time.perf_counter() > deadline:
+                    print(f"# budget spent: {backend} workers={workers} {sizes} not started", flush=True)
+                    return rows
                 fn, loader = make_epoch_fn(photos, backend, workers, sizes, batch, cache_dir)
                 meter = _CpuMeter()
                 load = os.getloadavg()[0]  # the CPU machine is shared: other work shows here
                 stats = measure(meter.wrap(fn), device="cpu", warmup=1, repeats=repeats)
-                rows.append({
+                row = {
                     "provider": backend,
                     "shape": f"{n_images}x{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}->{'+'.join(map(str, sizes))}",
                     "dtype": str(loader.dtype).replace("torch.", ""),
@@ -174,12 +188,14 @@ def loader_rows(photos: Path, n_images: int, backends, workers_list, batch: int,
                     "cpu_util": round(meter.util(), 3),
                     "cores": os.cpu_count(),
                     "loadavg_1m_before": round(load, 2),
-                })
+                }
+                rows += record(BENCHMARK, [row], device=device, quick=quick)
                 print_table(rows[-1:])
     return rows
 
 
-def index_rows(corpus: Path, n_files: int, repeats: int, cache_dir: Path) -> list[dict]:
+def index_rows(corpus: Path, n_files: int, repeats: int, cache_dir: Path, *, quick: bool = False) -> list[dict]:
+    """Files/s of the cheap check (1 process, all cores) and of the whole command, each recorded when measured."""
     from clipdistill.loaders.index import index_source, validate
     from clipdistill.loaders.sources import resolve_source
 
@@ -194,6 +210,7 @@ def index_rows(corpus: Path, n_files: int, repeats: int, cache_dir: Path) -> lis
                      "metric": "check_time", **stats, "workers": workers,
                      "files_per_s": round(n_files / (stats["median"] / 1e3), 1),
                      "cpu_util": round(meter.util(), 3), "cores": cores})
+        rows[-1:] = record(BENCHMARK, rows[-1:], device="cpu", quick=quick)
         print_table(rows[-1:])
     out = cache_dir / "bench_index.list"
     meter = _CpuMeter()
@@ -203,6 +220,7 @@ def index_rows(corpus: Path, n_files: int, repeats: int, cache_dir: Path) -> lis
                  "metric": "scan_check_write_time", **stats, "workers": cores,
                  "files_per_s": round(n_files / (stats["median"] / 1e3), 1),
                  "cpu_util": round(meter.util(), 3), "cores": cores})
+    rows[-1:] = record(BENCHMARK, rows[-1:], device="cpu", quick=quick)
     print_table(rows[-1:])
     return rows
 
@@ -251,47 +269,74 @@ def cpu_cases() -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
+def _outputs(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split("+"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an output is sizes joined by '+', e.g. 224 or 224+336; got {text!r}")
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"output sizes must be positive, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small CPU-sized run")
     parser.add_argument("--images", type=int, default=None, help="photos per epoch")
     parser.add_argument("--batch", type=int, default=None, help="global batch size (256 on the GPU target)")
     parser.add_argument("--backends", nargs="*", default=None, help="default: every available backend")
     parser.add_argument("--workers", type=int, nargs="*", default=None, help="worker/thread counts")
+    parser.add_argument("--outputs", type=_outputs, nargs="*", default=None,
+                        help="output resolutions per case, e.g. 224 224+336 (the default)")
     parser.add_argument("--index-files", type=int, default=None, help="files for the index benchmark (0: skip)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed epochs per case (after one warm-up)")
     parser.add_argument("--data", type=Path, default=None, help="folder for generated data")
-    args = parser.parse_args(argv)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (rows so far are kept)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    deadline = started + args.budget_s if args.budget_s is not None else None
 
     cores = os.cpu_count() or 1
     quick = args.quick
-    n_images = args.images or (64 if quick else (4096 if torch.cuda.is_available() else 1024))
+    on_gpu = torch.cuda.is_available() and not quick
+    n_images = args.images or (64 if quick else (2048 if on_gpu else 1024))
     batch = args.batch or (16 if quick else 256)
-    repeats = args.repeats or (2 if quick else 5)
-    n_index = args.index_files if args.index_files is not None else (2000 if quick else 50_000)
-    workers_list = args.workers or sorted({1, cores} if quick else {1, max(1, cores // 2), cores})
+    repeats = args.repeats or (2 if quick else (3 if on_gpu else 5))
+    n_index = args.index_files if args.index_files is not None else (2000 if quick else (0 if on_gpu else 50_000))
+    if args.workers:
+        workers_list = args.workers
+    elif quick:
+        workers_list = sorted({1, cores})
+    elif on_gpu:
+        workers_list = [min(16, cores)]
+    else:
+        workers_list = sorted({1, max(1, cores // 2), cores})
+    outputs = args.outputs or [(224,), (224, 336)]
     backends = args.backends or available_backends()
     data = args.data or default_data_dir()
     cache_dir = data / "cache"
 
-    started = time.perf_counter()
     photos = ensure_photos(data, n_images)
     print(f"data: {n_images} photos at {photos} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    rows = loader_rows(photos, n_images, backends, workers_list, batch, repeats, cache_dir)
-    if n_index:
+    rows = loader_rows(photos, n_images, backends, workers_list, batch, repeats, cache_dir, outputs,
+                       quick=quick, deadline=deadline)
+    if n_index and (deadline is None or time.perf_counter() < deadline):
         corpus = ensure_index_corpus(data, photos, n_index)
-        rows += index_rows(corpus, n_index, repeats, cache_dir)
+        rows += index_rows(corpus, n_index, repeats, cache_dir, quick=quick)
 
-    device = "cuda" if "dali-gpu" in backends else "cpu"
-    written = record(BENCHMARK, rows, device=device, quick=quick)
     print()
-    print_table(written)
+    print_table(rows)
     best = {}
     for r in rows:
         key = r["provider"]
         value = r.get("images_per_s") or r.get("files_per_s")
         best[key] = max(best.get(key, 0.0), value)
-    summary_line(BENCHMARK, written, best_per_s=best, images=n_images, batch=batch, index_files=n_index)
+    summary_line(BENCHMARK, rows, best_per_s=best, images=n_images, batch=batch, index_files=n_index)
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import REGISTERED, gpu_suite, harness, load, plot
+from benchmarks import REGISTERED, harness, load, plot
 
 
 def test_percentile_matches_numpy():
@@ -64,27 +64,6 @@ def test_latest_rows_keeps_newest_and_drops_quick():
     base = {"benchmark": "b", "provider": "ours", "shape": "s", "dtype": "d", "metric": "m", "device": "x"}
     rows = [dict(base, median=1.0), dict(base, median=2.0), dict(base, median=9.0, quick=True)]
     assert [r["median"] for r in plot.latest_rows(rows)] == [2.0]
-
-
-def test_join_split_wheels_across_folders(tmp_path):
-    payload = bytes(range(256)) * 1000
-    a, b = tmp_path / ".dali1", tmp_path / ".dali2"
-    a.mkdir(), b.mkdir()
-    name = "pkg-1.0-py3-none-any.whl"
-    chunks = [payload[i:i + 70_000] for i in range(0, len(payload), 70_000)]
-    for i, chunk in enumerate(chunks):
-        ((a if i % 2 == 0 else b) / f"{name}.part{i:02d}").write_bytes(chunk)
-    (wheel,) = gpu_suite.join_split_wheels([a, b], tmp_path / "joined")
-    assert wheel.name == name and wheel.read_bytes() == payload
-    (b / f"{name}.part01").unlink()
-    with pytest.raises(ValueError, match=r"parts \[1\] are missing"):
-        gpu_suite.join_split_wheels([a, b], tmp_path / "joined")
-
-
-def test_device_ceilings_dry_run_on_cpu():
-    gemm, copy = gpu_suite.measure_ceilings("cpu", size=64, copy_mib=1, quick=True)
-    assert gemm["tflops"] > 0 and copy["gb_per_s"] > 0
-    assert gemm["metric"] == "matmul_ms" and copy["metric"] == "copy_ms"
 
 
 @pytest.mark.parametrize("name", REGISTERED)
