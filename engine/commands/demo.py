@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,7 +52,7 @@ from safetensors.torch import save_file
 from clipdistill.engine.config.run import load_run_config
 from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally
 from clipdistill.engine.io import image_spec
-from clipdistill.engine.models.clip import get_tokenizer, load_clip
+from clipdistill.engine.models.clip import TINY_STUDENT, TINY_TEACHER, get_tokenizer, load_clip
 from clipdistill.engine.training.builder import build_run
 from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.engine.training.trainer import Trainer
@@ -200,6 +201,18 @@ def student_logits(learner, images: torch.Tensor, batch_size: int = 256) -> torc
 # ------------------------------------------------------------------------------ the demo
 
 
+@dataclass
+class _DemoData:
+    """The demo's images (classes interleaved), split: labeled for pretraining, unlabeled (JPEGs for
+    distillation) and held out (for the report)."""
+
+    pretrain_images: np.ndarray  # (N_pre, side, side, 3) uint8
+    pretrain_labels: np.ndarray  # (N_pre,) int64
+    unlabeled_folder: Path
+    heldout_images: np.ndarray  # (N_held, side, side, 3) uint8
+    heldout_labels: torch.Tensor  # (N_held,) int64
+
+
 def run_demo(out_dir: str | Path, *, seed: int = 0, learner: str = "coop", distill_epochs: int = 30,
              n_per_class: int = 160, log: Callable[[str], None] = print) -> dict:
     """Run the whole demo in ``out_dir``; return the summary (also printed by the CLI)."""
@@ -209,65 +222,10 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, learner: str = "coop", disti
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    teacher_name, student_name = "clipdistill-tiny-teacher", "clipdistill-tiny-student"
-    images, labels = make_dataset(n_per_class, seed)
-    n = len(images)
-    n_pre, n_unlabeled = int(0.4 * n), int(0.4 * n)
-    pre_x, pre_y = images[:n_pre], labels[:n_pre]
-    unlabeled = images[n_pre:n_pre + n_unlabeled]
-    held_x, held_y = images[n_pre + n_unlabeled:], torch.from_numpy(labels[n_pre + n_unlabeled:])
-    write_jpegs(unlabeled, out / "unlabeled")
-    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    log(f"demo: {len(CLASSES)} classes; {n_pre} pretraining, {n_unlabeled} unlabeled (JPEG), "
-        f"{len(held_x)} held-out images")
-
-    checkpoints = {}
-    for role, name, words, steps, subset in (
-        ("teacher", teacher_name, CLASSES, 600, n_pre),
-        ("student", student_name, STUDENT_WORDS, 150, n_pre // 2),
-    ):
-        model = load_clip(name, None)
-        size, mean, std = _preprocess(model)
-        x = to_tensor(pre_x[:subset], size, mean, std)
-        y = torch.from_numpy(pre_y[:subset])
-        t0 = time.perf_counter()
-        pretrain_clip(model, get_tokenizer(name), x, y, words=words, steps=steps, batch_size=64, lr=2e-3,
-                      seed=seed + 1)
-        path = out / f"{role}.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        checkpoints[role] = path
-        log(f"demo: pretrained the {role} ({name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-            f"parameters) for {steps} steps on {subset} labeled images in {time.perf_counter() - t0:.0f}s")
-
-    config = {
-        "recipe": "kdpl",
-        "teacher": {"name": teacher_name, "weights": str(checkpoints["teacher"])},
-        "student": {"name": student_name, "weights": str(checkpoints["student"])},
-        "learner": {"kind": learner, "options": _demo_learner_options(learner)},
-        "data": {"train": str(out / "unlabeled"), "class_names": str(out / "classes.txt"),
-                 "templates": "generic", "batch_size": 32, "backend": "torch", "workers": 0,
-                 "min_scale": 0.5, "interpolation": "bilinear"},
-        "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_steps": 5, "warmup_lr": None},
-        "train": {"epochs": distill_epochs, "seed": seed, "device": "cpu", "out_dir": str(out / "run"),
-                  "log_every": 5, "checkpoint_every": 50, "progress": False},
-    }
-    cfg = load_run_config(config)
-    run = build_run(cfg, log=log)
-    teacher = run.teacher
-    t_size, t_mean, t_std = _preprocess(teacher.model)
-    s_size, s_mean, s_std = _preprocess(run.learner.clip)
-    held_t = to_tensor(held_x, t_size, t_mean, t_std)
-    held_s = to_tensor(held_x, s_size, s_mean, s_std)
-    vectors = run.step.teacher_class_vectors
-    with torch.no_grad():
-        teacher_logits = run.step.student_logit_scale * teacher.encode_image(held_t) @ vectors.t()
-    before = compare(teacher_logits, student_logits(run.learner, held_s), held_y)
-    log("demo: before distillation: " + _fmt(before))
-    t0 = time.perf_counter()
-    Trainer(run, log=log).fit()
-    distill_seconds = time.perf_counter() - t0
-    after = compare(teacher_logits, student_logits(run.learner, held_s), held_y)
-    log(f"demo: after distillation ({distill_seconds:.0f}s, no labels): " + _fmt(after))
+    data = _prepare_data(out, n_per_class=n_per_class, seed=seed, log=log)
+    checkpoints = _pretrain_teacher_and_student(out, data, seed=seed, log=log)
+    config = _demo_run_config(out, checkpoints, data, learner=learner, distill_epochs=distill_epochs, seed=seed)
+    before, after = _distill_and_compare(config, data, log=log)
     summary = {
         "agreement_before": round(before["agreement"], 2),  # percent, as every clipdistill tally
         "agreement_after": round(after["agreement"], 2),
@@ -276,13 +234,95 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, learner: str = "coop", disti
         "student_accuracy_before": round(before["student_accuracy"], 2),
         "student_accuracy_after": round(after["student_accuracy"], 2),
         "teacher_accuracy": round(before["teacher_accuracy"], 2),
-        "held_out_images": len(held_x),
+        "held_out_images": len(data.heldout_images),
         "learner": learner,
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prepare_data(out: Path, *, n_per_class: int, seed: int, log: Callable[[str], None]) -> _DemoData:
+    """Generate the images and split them 40/40/20: pretraining, unlabeled JPEGs (with classes.txt), held out."""
+    images, labels = make_dataset(n_per_class, seed)
+    n = len(images)
+    n_pre, n_unlabeled = int(0.4 * n), int(0.4 * n)
+    data = _DemoData(
+        pretrain_images=images[:n_pre], pretrain_labels=labels[:n_pre], unlabeled_folder=out / "unlabeled",
+        heldout_images=images[n_pre + n_unlabeled:], heldout_labels=torch.from_numpy(labels[n_pre + n_unlabeled:]),
+    )
+    write_jpegs(images[n_pre:n_pre + n_unlabeled], data.unlabeled_folder)
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    log(f"demo: {len(CLASSES)} classes; {n_pre} pretraining, {n_unlabeled} unlabeled (JPEG), "
+        f"{len(data.heldout_images)} held-out images")
+    return data
+
+
+def _pretrain_teacher_and_student(out: Path, data: _DemoData, *, seed: int,
+                                  log: Callable[[str], None]) -> dict[str, Path]:
+    """Pretrain both tiny models from random init and save them; {"teacher": path, "student": path}.
+
+    The student sees half the images for a quarter of the steps, with other words for the classes
+    (see the module docstring): a weaker student with a vocabulary mismatch for prompts to fix.
+    """
+    checkpoints = {}
+    for role, name, words, steps, subset in (
+        ("teacher", TINY_TEACHER, CLASSES, 600, len(data.pretrain_images)),
+        ("student", TINY_STUDENT, STUDENT_WORDS, 150, len(data.pretrain_images) // 2),
+    ):
+        model = load_clip(name, None)
+        size, mean, std = _preprocess(model)
+        x = to_tensor(data.pretrain_images[:subset], size, mean, std)
+        y = torch.from_numpy(data.pretrain_labels[:subset])
+        t0 = time.perf_counter()
+        pretrain_clip(model, get_tokenizer(name), x, y, words=words, steps=steps, batch_size=64, lr=2e-3,
+                      seed=seed + 1)
+        path = out / f"{role}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        checkpoints[role] = path
+        log(f"demo: pretrained the {role} ({name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"parameters) for {steps} steps on {subset} labeled images in {time.perf_counter() - t0:.0f}s")
+    return checkpoints
+
+
+def _demo_run_config(out: Path, checkpoints: dict[str, Path], data: _DemoData, *, learner: str,
+                     distill_epochs: int, seed: int) -> dict:
+    """The run config of ``clipdistill distill``: KDPL on the unlabeled JPEGs, on the CPU."""
+    return {
+        "recipe": "kdpl",
+        "teacher": {"name": TINY_TEACHER, "weights": str(checkpoints["teacher"])},
+        "student": {"name": TINY_STUDENT, "weights": str(checkpoints["student"])},
+        "learner": {"kind": learner, "options": _demo_learner_options(learner)},
+        "data": {"train": str(data.unlabeled_folder), "class_names": str(out / "classes.txt"),
+                 "templates": "generic", "batch_size": 32, "backend": "torch", "workers": 0,
+                 "min_scale": 0.5, "interpolation": "bilinear"},
+        "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_steps": 5, "warmup_lr": None},
+        "train": {"epochs": distill_epochs, "seed": seed, "device": "cpu", "out_dir": str(out / "run"),
+                  "log_every": 5, "checkpoint_every": 50, "progress": False},
+    }
+
+
+def _distill_and_compare(config: dict, data: _DemoData, *, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Build the run, distill, and compare teacher and student on the held-out images (:func:`compare`)
+    before and after; the teacher's logits use the student's scale, as KDPL trains."""
+    run = build_run(load_run_config(config), log=log)
+    teacher = run.teacher
+    t_size, t_mean, t_std = _preprocess(teacher.model)
+    s_size, s_mean, s_std = _preprocess(run.learner.clip)
+    held_t = to_tensor(data.heldout_images, t_size, t_mean, t_std)
+    held_s = to_tensor(data.heldout_images, s_size, s_mean, s_std)
+    vectors = run.step.teacher_class_vectors
+    with torch.no_grad():
+        teacher_logits = run.step.student_logit_scale * teacher.encode_image(held_t) @ vectors.t()
+    before = compare(teacher_logits, student_logits(run.learner, held_s), data.heldout_labels)
+    log("demo: before distillation: " + _fmt(before))
+    t0 = time.perf_counter()
+    Trainer(run, log=log).fit()
+    distill_seconds = time.perf_counter() - t0
+    after = compare(teacher_logits, student_logits(run.learner, held_s), data.heldout_labels)
+    log(f"demo: after distillation ({distill_seconds:.0f}s, no labels): " + _fmt(after))
+    return before, after
 
 
 def _demo_learner_options(learner: str) -> dict:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally, base_novel_split
-from clipdistill.engine.evaluation.export import (StudentClassifier, build_backbone, fresh_samples, image_preprocess,
-                                                  read_distilled, rebuild_learner, student_class_vectors,
-                                                  teacher_class_vectors_for, versions)
-from clipdistill.engine.io import read_class_names, read_templates
+from clipdistill.engine.evaluation.export import (StudentClassifier, build_backbone, fresh_samples, read_distilled,
+                                                  rebuild_learner, student_class_vectors, teacher_class_vectors_for,
+                                                  versions)
+from clipdistill.engine.io import image_spec, read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
@@ -477,6 +477,37 @@ def run_evaluation(
     # Folders and names are checked before any model is loaded: a mistake there costs nothing.
     folders = [(scan_labeled_folder(d.folder, d.class_names), d) for d in datasets]
     spec = read_distilled(distilled) if distilled else None
+    teacher, student = _models_to_load(spec, teacher, student, use_teacher=use_teacher,
+                                       unlabeled=bool(unlabeled))
+    models = _load_models(spec, teacher, student, device=device, class_vector_cache=class_vector_cache, log=log)
+    report = _report_header(models, settings, base_to_novel)
+    first: Optional[tuple[list[str], list[str]]] = None  # the first dataset's names and templates
+    for folder, dataset in folders:
+        templates = _templates_for(dataset.templates, default_templates, spec)
+        first = first or (folder.class_names, templates)
+        report["datasets"].append(_evaluate_dataset(folder, templates, models, settings, base_to_novel, log))
+    if len(report["datasets"]) > 1:
+        report["cross_dataset"] = _cross_dataset_average(report["datasets"], base_to_novel)
+    if unlabeled:
+        if unlabeled_class_names:
+            names, templates = read_class_names(unlabeled_class_names), _templates_for(None, default_templates, spec)
+        elif first is not None:
+            names, templates = first
+        elif spec is not None and spec.class_names:
+            names, templates = spec.class_names, _templates_for(None, default_templates, spec)
+        else:
+            raise EvalInputError("agreement on unlabeled images needs class names (--unlabeled-class-names)")
+        report["unlabeled"] = _evaluate_unlabeled(unlabeled, names, templates, models, settings)
+    return report
+
+
+def _models_to_load(spec, teacher: Optional[dict], student: Optional[dict], *, use_teacher: bool,
+                    unlabeled: bool) -> tuple[Optional[dict], dict]:
+    """The teacher (None when left out) and the student to load, each ``{"name", "weights"}``.
+
+    What is not given comes from the distilled student's records (``spec``). Everything here is
+    checked before a model loads, so that a mistake costs nothing.
+    """
     teacher = dict(teacher or {})
     student = dict(student or {})
     if spec is not None:
@@ -494,131 +525,162 @@ def run_evaluation(
         raise EvalInputError("no model to evaluate: name a teacher, a student, or a distilled student")
     if unlabeled and not use_teacher:
         raise EvalInputError("agreement and KL on unlabeled images need the teacher (--teacher)")
+    return (teacher if use_teacher else None), student
 
-    teacher_model = None
-    outputs: dict[tuple, str] = {}
 
-    def output_for(clip_model, preferred: str) -> str:
-        key = image_preprocess(clip_model)
-        if key not in outputs:
-            outputs[key] = preferred
-        return outputs[key]
+@dataclass
+class _LoadedModels:
+    """The models of one evaluation, loaded once and scored against each dataset's class names.
 
-    if use_teacher:
-        teacher_model = build_teacher(teacher["name"], teacher.get("weights"), device=device)
-        teacher_input = output_for(teacher_model.model, "teacher")
-        log(f"clipdistill eval: teacher {teacher['name']} ({teacher.get('weights')})")
-    clip = None
-    if spec is not None:
-        clip = build_backbone(spec, device=device, expect_student=student.get("name"),
-                              student_weights=student.get("weights"))
-        student = {"name": spec.student_name, "weights": student.get("weights") or spec.student.get("weights")}
-    elif student.get("name"):
-        clip = build_student(student["name"], student.get("weights"), device=device)
-    if clip is not None:
-        student_input = output_for(clip, "student")
-        student_tokenizer = get_tokenizer(student["name"])
-        log(f"clipdistill eval: student {student['name']} ({student.get('weights')})"
-            + (f", distilled {spec.learner_kind} from {spec.path}" if spec is not None else ""))
-    specs = [OutputSpec(name, size, tuple(mean), tuple(std)) for (size, mean, std), name in outputs.items()]
-    method = spec.method if spec is not None else None
-    teacher_scale = None
-    if teacher_model is not None and method == "kdpl" and clip is not None:
-        teacher_scale = float(clip.logit_scale.exp())  # KDPL scores the teacher with the student's scale
+    ``outputs`` are the loader outputs the models read: one per distinct preprocessing (size,
+    mean, std), so that models that preprocess alike read the same decoded images.
+    """
 
-    def templates_of(given: Optional[str]) -> list[str]:
-        if given is None and default_templates is None and spec is not None and spec.templates:
-            return list(spec.templates)
-        return read_templates(given or default_templates or "imagenet")
+    device: torch.device
+    spec: Any  # the distilled student (read_distilled), or None
+    teacher: Optional[dict]  # {"name", "weights"} of the teacher, or None
+    student: dict  # {"name", "weights"} of the student backbone
+    class_vector_cache: Optional[str] = None
+    teacher_model: Any = None  # a frozen Teacher
+    teacher_input: str = "teacher"
+    teacher_scale: Optional[float] = None  # None: the teacher's own logit scale
+    clip: Any = None  # the student backbone (zero-shot, and under the distilled prompts)
+    student_input: str = "student"
+    tokenizer: Any = None
+    outputs: list = field(default_factory=list)
 
-    def classifiers_for(names: list[str], templates: list[str]) -> list[Classifier]:
+    def classifiers(self, names: list[str], templates: list[str]) -> list[Classifier]:
+        """The teacher's, the zero-shot student's and the distilled student's classifiers for these names."""
         out = []
-        if teacher_model is not None:
-            vectors = teacher_class_vectors_for(teacher, names, templates, model=teacher_model, device=device,
-                                                cache_dir=class_vector_cache)
-            out.append(teacher_classifier(teacher_model, vectors, logit_scale=teacher_scale, input=teacher_input))
-        if clip is not None:
-            vectors = encode_class_names(clip.encode_text, student_tokenizer, names, templates, device=device)
-            out.append(zero_shot_classifier(clip, vectors, input=student_input))
-        if spec is not None:
-            module = distilled_classifier(spec, clip, names, templates, teacher=teacher_model,
-                                          cache_dir=class_vector_cache)
-            out.append(module_classifier(module, input=student_input))
+        if self.teacher_model is not None:
+            vectors = teacher_class_vectors_for(self.teacher, names, templates, model=self.teacher_model,
+                                                device=self.device, cache_dir=self.class_vector_cache)
+            out.append(teacher_classifier(self.teacher_model, vectors, logit_scale=self.teacher_scale,
+                                          input=self.teacher_input))
+        if self.clip is not None:
+            vectors = encode_class_names(self.clip.encode_text, self.tokenizer, names, templates, device=self.device)
+            out.append(zero_shot_classifier(self.clip, vectors, input=self.student_input))
+        if self.spec is not None:
+            module = distilled_classifier(self.spec, self.clip, names, templates, teacher=self.teacher_model,
+                                          cache_dir=self.class_vector_cache)
+            out.append(module_classifier(module, input=self.student_input))
         return out
 
+
+def _load_models(spec, teacher: Optional[dict], student: dict, *, device: torch.device,
+                 class_vector_cache: Optional[str], log: Callable[[str], None]) -> _LoadedModels:
+    """Load the teacher (when given), the student backbone (the distilled student's, or ``student``)."""
+    models = _LoadedModels(device=device, spec=spec, teacher=teacher, student=student,
+                           class_vector_cache=class_vector_cache)
+    outputs: dict[tuple, str] = {}  # (size, mean, std) -> loader output name
+
+    def output_for(clip_model, preferred: str) -> str:
+        return outputs.setdefault(image_spec(clip_model), preferred)
+
+    if teacher is not None:
+        models.teacher_model = build_teacher(teacher["name"], teacher.get("weights"), device=device)
+        models.teacher_input = output_for(models.teacher_model.model, "teacher")
+        log(f"clipdistill eval: teacher {teacher['name']} ({teacher.get('weights')})")
+    if spec is not None:
+        models.clip = build_backbone(spec, device=device, expect_student=student.get("name"),
+                                     student_weights=student.get("weights"))
+        models.student = {"name": spec.student_name, "weights": student.get("weights") or spec.student.get("weights")}
+    elif student.get("name"):
+        models.clip = build_student(student["name"], student.get("weights"), device=device)
+    if models.clip is not None:
+        models.student_input = output_for(models.clip, "student")
+        models.tokenizer = get_tokenizer(models.student["name"])
+        log(f"clipdistill eval: student {models.student['name']} ({models.student.get('weights')})"
+            + (f", distilled {spec.learner_kind} from {spec.path}" if spec is not None else ""))
+    models.outputs = [OutputSpec(name, size, tuple(mean), tuple(std)) for (size, mean, std), name in outputs.items()]
+    method = spec.method if spec is not None else None
+    if models.teacher_model is not None and method == "kdpl" and models.clip is not None:
+        models.teacher_scale = float(models.clip.logit_scale.exp())  # KDPL scores the teacher with the student's scale
+    return models
+
+
+def _templates_for(given: Optional[str], default_templates: Optional[str], spec) -> list[str]:
+    """A dataset's templates: its own, else ``default_templates``, else the distilled student's, else "imagenet"."""
+    if given is None and default_templates is None and spec is not None and spec.templates:
+        return list(spec.templates)
+    return read_templates(given or default_templates or "imagenet")
+
+
+def _report_header(models: _LoadedModels, settings: LoaderSettings, base_to_novel: bool) -> dict[str, Any]:
+    """The report before any image is read: format, units, the models compared, settings, versions."""
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "units": {"top1": "percent", "base": "percent", "novel": "percent", "hm": "percent",
                   "agreement": "percent", "kl": "nats per image, KL(teacher||student)"},
         "models": {},
         "datasets": [],
-        "settings": {"batch_size": settings.batch_size, "backend": settings.backend, "device": str(device),
+        "settings": {"batch_size": settings.batch_size, "backend": settings.backend, "device": str(models.device),
                      "base_to_novel": base_to_novel, "preprocess": "center crop (shorter side), bicubic"},
         "versions": versions(),
     }
-    if teacher_model is not None:
-        report["models"]["teacher"] = {"name": teacher["name"], "weights": teacher.get("weights"),
-                                       "logit_scale": float(teacher_scale or teacher_model.logit_scale)}
-    if clip is not None:
-        report["models"]["student_zero_shot"] = {"name": student["name"], "weights": student.get("weights")}
+    if models.teacher_model is not None:
+        report["models"]["teacher"] = {"name": models.teacher["name"], "weights": models.teacher.get("weights"),
+                                       "logit_scale": float(models.teacher_scale or models.teacher_model.logit_scale)}
+    if models.clip is not None:
+        report["models"]["student_zero_shot"] = {"name": models.student["name"],
+                                                 "weights": models.student.get("weights")}
+    spec = models.spec
     if spec is not None:
         report["models"]["student_distilled"] = {"path": spec.path, "source": spec.source, "method": spec.method,
                                                  "learner": spec.learner_kind, "options": spec.learner_options,
                                                  "step": spec.step}
-    first_names: Optional[list[str]] = None
-    first_templates: Optional[list[str]] = None
-    for folder, dataset in folders:
-        templates = templates_of(dataset.templates)
-        first_names, first_templates = first_names or folder.class_names, first_templates or templates
-        log(f"clipdistill eval: {folder.name}: {len(folder.class_names)} classes, {len(folder.samples)} images")
-        classifiers = classifiers_for(folder.class_names, templates)
-        result = evaluate_labeled(folder, classifiers, specs, base_to_novel=base_to_novel, settings=settings)
-        entry: dict[str, Any] = {
-            "name": folder.name, "folder": folder.root, "classes": len(folder.class_names),
-            "images": len(folder.samples) - len(result["rejected"]), "rejected": result["rejected"],
-            "templates": templates,
-            "top1": {name: r["top1"] for name, r in result["results"].items()},
-        }
-        if base_to_novel:
-            base, novel = base_novel_split(len(folder.class_names))
-            entry["base_to_novel"] = {
-                "base_classes": [folder.class_names[i] for i in base],
-                "novel_classes": [folder.class_names[i] for i in novel],
-                **{name: {"base": r["base"], "novel": r["novel"], "hm": r["hm"], "base_images": r["base_images"],
-                          "novel_images": r["novel_images"]} for name, r in result["results"].items()},
-            }
-        report["datasets"].append(entry)
-    if len(report["datasets"]) > 1:
-        models = list(report["datasets"][0]["top1"])
-        report["cross_dataset"] = {
-            "datasets": [d["name"] for d in report["datasets"]],
-            "average": {m: float(np.mean([d["top1"][m] for d in report["datasets"]])) for m in models},
-        }
-        if base_to_novel:
-            report["cross_dataset"]["base_to_novel_average"] = {
-                m: {k: float(np.mean([d["base_to_novel"][m][k] for d in report["datasets"]]))
-                    for k in ("base", "novel", "hm")} for m in models}
-    if unlabeled:
-        if unlabeled_class_names:
-            names = read_class_names(unlabeled_class_names)
-            templates = templates_of(None)
-        elif first_names is not None:
-            names, templates = first_names, first_templates
-        elif spec is not None and spec.class_names:
-            names, templates = spec.class_names, templates_of(None)
-        else:
-            raise EvalInputError("agreement on unlabeled images needs class names (--unlabeled-class-names)")
-        samples = fresh_samples(unlabeled, cache_dir=settings.cache_dir)
-        classifiers = classifiers_for(names, templates)
-        students = [c for c in classifiers if c.name != "teacher"]
-        if not students:
-            raise EvalInputError("agreement on unlabeled images needs a student (--student or --distilled)")
-        result = evaluate_agreement(samples, classifiers[0], students, specs, settings)
-        report["unlabeled"] = {"source": str(unlabeled), "classes": len(names),
-                               "images": len(samples) - len(result["rejected"]), "rejected": result["rejected"],
-                               **{name: {"agreement": r["agreement"], "kl": r["kl"]}
-                                  for name, r in result["results"].items()}}
     return report
+
+
+def _evaluate_dataset(folder: LabeledFolder, templates: list[str], models: _LoadedModels, settings: LoaderSettings,
+                      base_to_novel: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The report's entry for one labeled folder: top-1 of every model (and base/novel/HM)."""
+    log(f"clipdistill eval: {folder.name}: {len(folder.class_names)} classes, {len(folder.samples)} images")
+    classifiers = models.classifiers(folder.class_names, templates)
+    result = evaluate_labeled(folder, classifiers, models.outputs, base_to_novel=base_to_novel, settings=settings)
+    entry: dict[str, Any] = {
+        "name": folder.name, "folder": folder.root, "classes": len(folder.class_names),
+        "images": len(folder.samples) - len(result["rejected"]), "rejected": result["rejected"],
+        "templates": templates,
+        "top1": {name: r["top1"] for name, r in result["results"].items()},
+    }
+    if base_to_novel:
+        base, novel = base_novel_split(len(folder.class_names))
+        entry["base_to_novel"] = {
+            "base_classes": [folder.class_names[i] for i in base],
+            "novel_classes": [folder.class_names[i] for i in novel],
+            **{name: {"base": r["base"], "novel": r["novel"], "hm": r["hm"], "base_images": r["base_images"],
+                      "novel_images": r["novel_images"]} for name, r in result["results"].items()},
+        }
+    return entry
+
+
+def _cross_dataset_average(entries: list[dict], base_to_novel: bool) -> dict[str, Any]:
+    """The mean over datasets of each model's top-1 (and base/novel/HM): the cross-dataset table's last row."""
+    models = list(entries[0]["top1"])
+    cross: dict[str, Any] = {
+        "datasets": [d["name"] for d in entries],
+        "average": {m: float(np.mean([d["top1"][m] for d in entries])) for m in models},
+    }
+    if base_to_novel:
+        cross["base_to_novel_average"] = {
+            m: {k: float(np.mean([d["base_to_novel"][m][k] for d in entries])) for k in ("base", "novel", "hm")}
+            for m in models}
+    return cross
+
+
+def _evaluate_unlabeled(unlabeled: str, names: list[str], templates: list[str], models: _LoadedModels,
+                        settings: LoaderSettings) -> dict[str, Any]:
+    """The report's ``unlabeled`` entry: each student's agreement with the teacher and KL, no label read."""
+    samples = fresh_samples(unlabeled, cache_dir=settings.cache_dir)
+    classifiers = models.classifiers(names, templates)
+    students = [c for c in classifiers if c.name != "teacher"]
+    if not students:
+        raise EvalInputError("agreement on unlabeled images needs a student (--student or --distilled)")
+    result = evaluate_agreement(samples, classifiers[0], students, models.outputs, settings)
+    return {"source": str(unlabeled), "classes": len(names),
+            "images": len(samples) - len(result["rejected"]), "rejected": result["rejected"],
+            **{name: {"agreement": r["agreement"], "kl": r["kl"]} for name, r in result["results"].items()}}
 
 
 # ------------------------------------------------------------------------------ the table

@@ -407,10 +407,6 @@ def student_class_vectors(learner: nn.Module) -> Optional[torch.Tensor]:
     return learner.class_features().float()
 
 
-# The old name of io.image_spec (the one reader of a model's image input), kept for its importers.
-image_preprocess = image_spec
-
-
 # ------------------------------------------------------------------------------ export
 
 

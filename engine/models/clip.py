@@ -111,31 +111,44 @@ def load_clip(
         RuntimeError: weights for a tag are neither cached nor downloadable, or a checkpoint
             that does not fit the architecture or holds more than tensors.
     """
-    open_clip = import_open_clip()
     name = _check_model_name(model_name)
     device = torch.device(device)
-    pretrained: Optional[str] = None
-    if weights is not None:
-        weights = str(weights)
-        if os.path.isfile(weights):
-            pretrained = weights
-        elif _looks_like_path(weights):
-            raise FileNotFoundError(
-                f"checkpoint file {weights!r} for model {model_name!r} does not exist. Pass the path "
-                f"of a .safetensors or .pt state dict, a pretrained tag of this model, or "
-                f"weights=None for a random-init model."
-            )
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            if weights not in tags:
-                raise ValueError(
-                    f"{weights!r} is neither a checkpoint file nor a pretrained tag of {model_name!r}. "
-                    f"Tags open_clip knows for it: {tags or 'none'}."
-                )
-            pretrained = weights
+    weights = None if weights is None else str(weights)
+    pretrained = _resolve_weights(model_name, name, weights)
+    model = _create_model(model_name, name, weights, pretrained, device=device, precision=precision,
+                          cache_dir=cache_dir)
+    model.eval()
+    return model
 
+
+def _resolve_weights(model_name: str, name: str, weights: Optional[str]) -> Optional[str]:
+    """What open_clip's ``pretrained`` receives: None (random init), an existing checkpoint path, or a
+    pretrained tag of ``name``. Checked here so that a typo fails before any weights are read."""
+    if weights is None:
+        return None
+    if os.path.isfile(weights):
+        return weights
+    if _looks_like_path(weights):
+        raise FileNotFoundError(
+            f"checkpoint file {weights!r} for model {model_name!r} does not exist. Pass the path "
+            f"of a .safetensors or .pt state dict, a pretrained tag of this model, or "
+            f"weights=None for a random-init model."
+        )
+    tags = import_open_clip().list_pretrained_tags_by_model(name)
+    if weights not in tags:
+        raise ValueError(
+            f"{weights!r} is neither a checkpoint file nor a pretrained tag of {model_name!r}. "
+            f"Tags open_clip knows for it: {tags or 'none'}."
+        )
+    return weights
+
+
+def _create_model(model_name: str, name: str, weights: Optional[str], pretrained: Optional[str], *,
+                  device: torch.device, precision: str, cache_dir: Optional[str]) -> nn.Module:
+    """open_clip's model with its weights read (local files with weights_only), open_clip's
+    errors turned into ones that say what to do."""
     try:
-        model = open_clip.create_model(
+        return import_open_clip().create_model(
             name,
             pretrained=pretrained,
             precision=precision,
@@ -165,8 +178,6 @@ def load_clip(
                 f"the file was saved from this architecture."
             ) from error
         raise
-    model.eval()
-    return model
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -29,7 +29,8 @@ SHIMS = {
 }
 # Old public names that were renamed where they now live.
 RENAMED = {("train", "_image_preprocess"): ("io", "image_spec"),
-           ("export", "build_learner"): ("evaluation.export", "rebuild_learner")}
+           ("export", "build_learner"): ("evaluation.export", "rebuild_learner"),
+           ("export", "image_preprocess"): ("io", "image_spec")}
 
 
 def _old_public_names(old: str) -> list[str]:
