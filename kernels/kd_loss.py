@@ -51,7 +51,8 @@ full sweep over the classes has finished. That is why the work takes two sweeps:
 produces per row (L_t, L_s, E_{p_s}[z_s - z_t]) (O(B) numbers, saved for backward), and the
 backward sweep recomputes the logit tiles and forms
 
-    G[i, j] = forward_weight * (p_s - p_t) + reverse_weight * p_s * ((z_s - z_t) - E_{p_s}[z_s - z_t])
+    G[i, j] = forward_weight * (p_s - p_t)
+              + reverse_weight * p_s * ((z_s - z_t) - E_{p_s}[z_s - z_t])
 
 using log p_s - log p_t - KL_r = (z_s - z_t) - E_{p_s}[z_s - z_t]: the log-sum-exps cancel
 analytically, so the reverse term needs no log-sum-exp and does not carry the rounding of
@@ -97,9 +98,9 @@ this file (registers / spill instructions / wgmma shape; no atomics in any kerne
 
 "aligned": every feature dimension and row stride divisible by 16 (what Triton's runtime
 specializes on; the large-vocabulary shape B=4096, C=21843, D=768 is one). The backward that
-this replaced (atomic accumulation of U and W) compiled to 136-188 registers (255 with 8 bytes
-of spills for separate vectors at D=200) and one ``MEMBAR.ALL.GPU; ATOMG.E.ADD.F32x4`` per 16
-bytes of U or W per class tile, inside the tile loop.
+this replaced (atomic accumulation of U and W) compiled to 136-188 registers aligned and 255
+unaligned (with 6-16 spill instructions at D=200) and one ``MEMBAR.ALL.GPU; ATOMG.E.ADD`` per 16
+(aligned) or 4 bytes of U or W per class tile, inside the tile loop.
 
 Registration
 ------------
