@@ -7,7 +7,15 @@ Providers (all run forward, backward, and both; peak memory from the harness):
 - ``eager``: the published formulation of each recipe in eager PyTorch under bf16 autocast
   (PromptKD: ``kl_div(log_softmax(s/T), softmax(t/T), "sum") * T^2 / (B*C)``; KDPL:
   ``0.5 kl_div(..., "batchmean", log_target=True)`` both ways), B x C logits materialized.
-- ``compiled``: ``torch.compile(kd_loss_reference)`` (fp32 math on the bf16 inputs).
+- ``compiled``: ``torch.compile`` of the eager formulation above (bf16 autocast on a GPU): the
+  strongest thing a user gets from PyTorch alone, and the one ours must never be slower than.
+- ``compiled_fp32``: ``torch.compile(kd_loss_reference)``, fp32 math (three fp32 products
+  without tensor cores) on the bf16 inputs; kept for continuity, it flatters ours.
+- ``ours_budget0``: ours with ``backward_memory_budget=0``: the backward's G-tile buffer holds
+  one row block, so the backward runs B/64 small chunks. Ablation: ``ours - ours_budget0`` is
+  the cost (or gain) of chunking. There is no atomic left to ablate: the backward writes G
+  tiles and leaves both reductions to matrix products, so the parts read by difference are
+  ``ours`` fwd vs bwd against ``matmul_products`` fwd vs bwd.
 - ``liger``: liger-kernel's ``LigerFusedLinearJSD`` where importable. Mapping: Liger has no
   normalization or logit scale, so its inputs are the normalized features times
   logit_scale / temperature (normalization inside the timed call) and the normalized class
@@ -15,10 +23,15 @@ Providers (all run forward, backward, and both; peak memory from the harness):
   i.e. ours with forward_weight=1, reverse_weight=0, reduction="batchmean". It is timed at that
   direction on every shape (the symmetric KDPL loss is not a generalized JSD), so read it
   against ``ours_fwdkl``, which runs ours at the same direction.
-- ``matmul_products``: the matrix products the design needs, timed as plain ``torch.mm``
-  (cuBLAS on a GPU) with materialized outputs: forward = the teacher and student logit
-  products; backward = those two again (recomputation) plus G @ Cs (and G^T @ S when the
-  student class vectors take a gradient). The floor the fused kernel is judged against.
+- ``matmul_products``: the matrix products the design performs, timed as plain ``torch.mm``
+  (cuBLAS on a GPU) with materialized outputs whose rows are padded to 16 bytes (an unaligned
+  row stride, e.g. C = 21843 bf16, slows cuBLAS and would inflate the floor): forward = the
+  teacher and student logit products; backward = those two again (recomputation) plus G @ Cs
+  (and G^T @ S when the student class vectors take a gradient). The floor the fused kernel is
+  judged against.
+- ``matmul_math``: the products the math itself needs, without recomputation: forward = the
+  two logit products, backward = G @ Cs (and G^T @ S); fwd_bwd = 3 (or 4) products. The floor
+  of any implementation that keeps the logits.
 
 Shapes: the recipes' own (PromptKD B=256, C=1000, D=768, shared vectors, forward KL with "mean"
 and T^2; KDPL-CA B=256, K=1000, Ds=512, Dt=1024, separate student vectors with a gradient,
@@ -68,7 +81,9 @@ QUICK_SHAPES = (
     Shape("quick_shared", 16, 64, 32, 32, False, "kdpl"),
     Shape("quick_separate", 16, 64, 32, 48, True, "promptkd"),
 )
-PROVIDERS = ("ours", "ours_fwdkl", "eager", "compiled", "liger", "matmul_products")
+PROVIDERS = ("ours", "ours_fwdkl", "ours_budget0", "eager", "compiled", "compiled_fp32", "liger",
+             "matmul_products", "matmul_math")
+MATMUL_PROVIDERS = ("matmul_products", "matmul_math")
 
 
 def recipe_options(recipe: str) -> dict:
@@ -149,9 +164,15 @@ def loss_fn(provider: str, shape: Shape) -> Optional[Callable[[dict], torch.Tens
     if provider == "ours_fwdkl":
         return lambda inputs: kd_loss(**_kd_args(inputs), logit_scale=LOGIT_SCALE,
                                       backend="triton", forward_weight=1.0, reverse_weight=0.0)
+    if provider == "ours_budget0":
+        return lambda inputs: kd_loss(**_kd_args(inputs), logit_scale=LOGIT_SCALE,
+                                      backend="triton", backward_memory_budget=0, **options)
     if provider == "eager":
         return lambda inputs: eager_loss(inputs, shape.recipe, options["temperature"])
     if provider == "compiled":
+        compiled_eager = torch.compile(eager_loss)
+        return lambda inputs: compiled_eager(inputs, shape.recipe, options["temperature"])
+    if provider == "compiled_fp32":
         compiled = torch.compile(kd_loss_reference)
         return lambda inputs: compiled(**_kd_args(inputs), logit_scale=LOGIT_SCALE, **options)
     if provider == "liger":
@@ -191,22 +212,38 @@ def loss_cases(provider: str, shape: Shape, inputs: dict) -> list[tuple[str, Cal
     return [("fwd_ms", forward), ("bwd_ms", backward), ("fwd_bwd_ms", forward_backward)]
 
 
-def matmul_cases(shape: Shape, inputs: dict) -> list[tuple[str, Callable[[], object]]]:
-    """The products the fused design performs, as plain torch.mm (cuBLAS on a GPU)."""
-    s, t, c = inputs["student_features"].detach(), inputs["teacher_features"], \
-        inputs["class_vectors"]
-    v = c if inputs["student_class_vectors"] is None else inputs["student_class_vectors"].detach()
-    g = torch.randn(shape.batch, shape.n_classes, device=s.device, dtype=s.dtype)
+def _padded_rows(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """x with zero rows appended up to a multiple of ``multiple`` (16 bytes of bf16/fp16)."""
+    pad = -x.shape[0] % multiple
+    return x if pad == 0 else torch.cat([x, x.new_zeros(pad, x.shape[1])])
+
+
+def matmul_cases(shape: Shape, inputs: dict, recompute: bool = True
+                 ) -> list[tuple[str, Callable[[], object]]]:
+    """The products of the fused design (``recompute``) or of the math alone, as torch.mm.
+
+    The class axis is padded to a multiple of 8, so that the (B, C) outputs' rows start on
+    16-byte boundaries, as cuBLAS prefers; the padding adds at most 7 of C columns.
+    """
+    s, t = inputs["student_features"].detach(), inputs["teacher_features"]
+    c = _padded_rows(inputs["class_vectors"])
+    v = c if inputs["student_class_vectors"] is None else \
+        _padded_rows(inputs["student_class_vectors"].detach())
+    g = torch.randn(shape.batch, c.shape[0], device=s.device, dtype=s.dtype)
 
     def forward():
         torch.mm(t, c.t())
         torch.mm(s, v.t())
 
-    def backward():
-        forward()  # the backward sweep recomputes both logit tiles
+    def gradient_products():
         torch.mm(g, v)
         if shape.separate:
             torch.mm(g.t(), s)
+
+    def backward():
+        if recompute:
+            forward()  # the backward sweep recomputes both logit tiles
+        gradient_products()
 
     def forward_backward():
         forward()
@@ -221,8 +258,8 @@ def run(shapes, providers, device: torch.device, dtype: torch.dtype, quick: bool
     for shape in shapes:
         for provider in providers:
             inputs = make_inputs(shape, device, dtype)
-            cases = (matmul_cases(shape, inputs) if provider == "matmul_products"
-                     else loss_cases(provider, shape, inputs))
+            cases = (matmul_cases(shape, inputs, recompute=provider == "matmul_products")
+                     if provider in MATMUL_PROVIDERS else loss_cases(provider, shape, inputs))
             if not cases:
                 print(f"# {provider}: not importable here, skipped", flush=True)
                 continue
@@ -250,7 +287,7 @@ def speedups(rows: list[dict]) -> dict:
     by_key = {(r["provider"], r["shape"], r["metric"]): r for r in rows}
     for (provider, shape, metric), row in by_key.items():
         ours = by_key.get(("ours_fwdkl" if provider == "liger" else "ours", shape, metric))
-        if metric != "fwd_bwd_ms" or provider in ("ours", "ours_fwdkl") or ours is None:
+        if metric != "fwd_bwd_ms" or provider.startswith("ours") or ours is None:
             continue
         table.setdefault(shape, {})[f"vs_{provider}"] = round(row["median"] / ours["median"], 3)
     return table
