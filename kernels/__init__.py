@@ -2,6 +2,6 @@
 
 Pure math on tensors: never imports clipdistill.engine or clipdistill.loaders.
 """
-from clipdistill.kernels.kd_loss import KDLoss, kd_loss, kd_loss_reference, resolve_backend
+from clipdistill.kernels.kd_loss import KDLoss, kd_loss, kd_loss_reference, kl_rows_reference, resolve_backend
 
-__all__ = ["KDLoss", "kd_loss", "kd_loss_reference", "resolve_backend"]
+__all__ = ["KDLoss", "kd_loss", "kd_loss_reference", "kl_rows_reference", "resolve_backend"]

@@ -949,6 +949,31 @@ def _reduce(row_loss: torch.Tensor, row_weights: Optional[torch.Tensor], reducti
 # --------------------------------------------------------------------------------------------
 
 
+def kl_rows_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    forward_weight: float = 0.5,
+    reverse_weight: float = 0.5,
+) -> torch.Tensor:
+    """Per-row forward_weight·KL(p_t‖p_s) + reverse_weight·KL(p_s‖p_t) of explicit logits, plain PyTorch.
+
+    student_logits, teacher_logits: (B, C), already scaled and divided by the temperature; the
+    result (B,) is in their dtype (promote before calling). The teacher side is detached. A term
+    with weight 0 is not computed. clipdistill's one eager KL: :func:`kd_loss_reference` forms its
+    logits and calls it, and so do the engine's paths that need explicit logits (CoCoOp,
+    PromptSRC) and its agreement/KL tally.
+    """
+    log_p_t = F.log_softmax(teacher_logits.detach(), dim=-1)
+    log_p_s = F.log_softmax(student_logits, dim=-1)
+    rows = torch.zeros(log_p_s.shape[:-1], dtype=log_p_s.dtype, device=log_p_s.device)
+    if forward_weight:
+        rows = rows + forward_weight * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if reverse_weight:
+        rows = rows + reverse_weight * (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    return rows
+
+
 def kd_loss_reference(
     student_features: torch.Tensor,
     teacher_features: torch.Tensor,
@@ -982,11 +1007,9 @@ def kd_loss_reference(
         student_vectors = (teacher_vectors if student_class_vectors is None
                            else F.normalize(student_vectors, dim=-1))
     teacher_scale = logit_scale if teacher_logit_scale is None else teacher_logit_scale
-    log_p_t = F.log_softmax(teacher_scale / temperature * teacher @ teacher_vectors.T, dim=-1)
-    log_p_s = F.log_softmax(logit_scale / temperature * student @ student_vectors.T, dim=-1)
-    kl_forward = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    kl_reverse = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
-    row_loss = forward_weight * kl_forward + reverse_weight * kl_reverse
+    row_loss = kl_rows_reference(logit_scale / temperature * student @ student_vectors.T,
+                                 teacher_scale / temperature * teacher @ teacher_vectors.T,
+                                 forward_weight=forward_weight, reverse_weight=reverse_weight)
     return _reduce(row_loss, row_weights, reduction, class_vectors.shape[0], temperature,
                    temperature_squared)
 

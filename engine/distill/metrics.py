@@ -11,9 +11,9 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from clipdistill.engine.parallel.launch import is_initialized
+from clipdistill.kernels import kl_rows_reference
 
 
 def base_novel_split(num_classes: int) -> tuple[list[int], list[int]]:
@@ -92,9 +92,8 @@ class AgreementTally:
         if teacher_logits.shape != student_logits.shape or teacher_logits.dim() != 2:
             raise ValueError(f"teacher and student logits must both be (B, C); got {tuple(teacher_logits.shape)} "
                              f"and {tuple(student_logits.shape)}")
-        log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-        log_s = F.log_softmax(student_logits.float(), dim=-1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1).double()
+        kl = kl_rows_reference(student_logits.float(), teacher_logits.float(), forward_weight=1.0,
+                               reverse_weight=0.0).double()
         agree = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).double()
         if mask is None:
             rows = torch.full((), float(kl.numel()), dtype=torch.float64, device=kl.device)

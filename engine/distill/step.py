@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.engine.prompts.learners import PROMPTSRC_LOSS_WEIGHTS, PromptLearner
-from clipdistill.kernels import kd_loss
+from clipdistill.kernels import kd_loss, kl_rows_reference
 
 Recipe = Literal["kdpl", "promptkd"]
 
@@ -63,13 +63,8 @@ def symmetric_kl_from_logits(
     Only for learners whose class vectors differ per image (CoCoOp); every other
     path uses the fused :func:`clipdistill.kernels.kd_loss`.
     """
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
-    rows = torch.zeros(log_s.shape[0], device=log_s.device)
-    if forward_weight:
-        rows = rows + forward_weight * (log_t.exp() * (log_t - log_s)).sum(-1)
-    if reverse_weight:
-        rows = rows + reverse_weight * (log_s.exp() * (log_s - log_t)).sum(-1)
+    rows = kl_rows_reference(student_logits.float() / temperature, teacher_logits.float() / temperature,
+                             forward_weight=forward_weight, reverse_weight=reverse_weight)
     if row_weights is None:
         return rows.mean()
     w = row_weights.to(rows.dtype)

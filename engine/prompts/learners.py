@@ -35,6 +35,7 @@ from clipdistill.engine.models.clip import freeze, import_open_clip
 from clipdistill.engine.models.towers import TextTower, check_vision_tower
 from clipdistill.engine.models.towers import encode_image as _encode_image
 from clipdistill.engine.parallel.batchnorm import RowBatchNorm2d
+from clipdistill.kernels import kl_rows_reference
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 PLACEHOLDER = "X"  # CoOp's stand-in word for a learned context token
@@ -549,12 +550,12 @@ class PromptSRC(IVLP):
         """Named, unweighted self-regularizing loss parts for ``output = self(images, class_indices)``."""
         frozen_image, frozen_text = self.frozen_features(images, class_indices)
         frozen_logits = self.logit_scale * frozen_image @ frozen_text.t()
-        log_student = F.log_softmax(output.logits, dim=-1)
-        log_frozen = F.log_softmax(frozen_logits, dim=-1)
+        # KL(p_frozen || p_prompted), summed over images and classes, divided by B*C.
+        kl = kl_rows_reference(output.logits, frozen_logits, forward_weight=1.0, reverse_weight=0.0)
         return {
             "scl_image": F.l1_loss(output.image_features, frozen_image),
             "scl_text": F.l1_loss(output.class_features, frozen_text),
-            "scl_logits": F.kl_div(log_student, log_frozen, reduction="sum", log_target=True) / output.logits.numel(),
+            "scl_logits": kl.sum() / output.logits.numel(),
         }
 
     def regularization(self, images: torch.Tensor, output: LearnerOutput,

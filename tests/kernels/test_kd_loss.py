@@ -509,3 +509,21 @@ def test_gpu_torch_compile_fullgraph(cuda_device):
     want = module(**inputs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.autograd.grad(got, list(_leaves(inputs).values()))
+
+
+def test_kl_rows_reference_is_both_kls_of_explicit_logits():
+    from clipdistill.kernels import kl_rows_reference
+
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(5, 13, dtype=torch.float64, generator=g) * 3
+    t = torch.randn(5, 13, dtype=torch.float64, generator=g) * 3
+    p_s, p_t = s.softmax(-1), t.softmax(-1)
+    forward = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    reverse = (p_s * (p_s.log() - p_t.log())).sum(-1)
+    for fw, rw in ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.3, 0.7)):
+        torch.testing.assert_close(kl_rows_reference(s, t, forward_weight=fw, reverse_weight=rw),
+                                   fw * forward + rw * reverse, rtol=1e-12, atol=1e-12)
+    # The teacher side is detached: only the student's logits receive a gradient.
+    s32, t32 = s.float().requires_grad_(), t.float().requires_grad_()
+    kl_rows_reference(s32, t32).sum().backward()
+    assert s32.grad is not None and t32.grad is None
