@@ -170,7 +170,8 @@ def e2e_learners(wanted: tuple[str, ...] = ("coop", "promptkd")) -> tuple[list[s
 
 
 # Every bench_kd_loss provider, torch.compile last: its compile (inside the cap) cannot starve the others.
-KD_PROVIDERS = ["ours", "ours_fwdkl", "eager", "matmul_products", "liger", "compiled"]
+KD_PROVIDERS = ["ours", "ours_fwdkl", "ours_budget0", "eager", "matmul_products", "matmul_math", "liger", "compiled",
+                "compiled_fp32"]
 
 
 def core_steps(py_args: dict) -> list[Step]:
@@ -190,7 +191,7 @@ def core_steps(py_args: dict) -> list[Step]:
              ["-m", "benchmarks.gpu_checks", "kd-correctness"],
              ["-m", "benchmarks.gpu_checks", "--device", "cpu", "kd-correctness", "--small"],
              parse_module="benchmarks.gpu_checks"),
-        Step("kd-bench-large-vocab", 75, "bench_kd_loss B=4096 C=21843, every provider (compile included)",
+        Step("kd-bench-large-vocab", 90, "bench_kd_loss B=4096 C=21843, every provider (compile included)",
              ["-m", "benchmarks.bench_kd_loss", "--shapes", "large_vocab", "--providers", *KD_PROVIDERS],
              ["-m", "benchmarks.bench_kd_loss", "--quick", "--shapes", "quick_shared", "--providers", "ours",
               "matmul_products"], parse_module="benchmarks.bench_kd_loss"),
@@ -203,7 +204,7 @@ def core_steps(py_args: dict) -> list[Step]:
              # The dry run leaves the static report out: .ci/triton36 runs it, and its compiles outlast this cap.
              ["-m", "benchmarks.gpu_checks", "--device", "cpu", "kernel-resources", "--report-timeout-s", "0"],
              parse_module="benchmarks.gpu_checks"),
-        Step("e2e", 140, f"ViT-L-14 -> ViT-B-16, {'+'.join(learners)}, B=256, live/cached/reference",
+        Step("e2e", 130, f"ViT-L-14 -> ViT-B-16, {'+'.join(learners)}, B=256, live/cached/reference",
              ["-m", e2e_module, *lead, "--pairs", "ViT-L-14:ViT-B-16", "--learners", *learners, "--batches", "256",
               "--modes", "live", "cached", "reference", "--steps", "8", "--warmup", "2", "--images", "512",
               "--reference-workers", "8"],
@@ -215,7 +216,7 @@ def core_steps(py_args: dict) -> list[Step]:
               "--data", data],
              ["-m", "benchmarks.gpu_checks", "--device", "cpu", "nvjpeg", "--images", "16", "--batch", "8",
               "--workers", "1", "--repeats", "1", "--data", data], parse_module="benchmarks.gpu_checks"),
-        Step("pytest-gpu", 40, "pytest -m gpu, with whatever time is left",
+        Step("pytest-gpu", 35, "pytest -m gpu, with whatever time is left",
              ["-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "--benchmark-disable", "tests"],
              ["-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "--benchmark-disable",
               "tests/kernels/test_kd_loss.py"], leftover=True),

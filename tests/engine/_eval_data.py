@@ -134,3 +134,17 @@ def loader_images(samples, size: int = 32):
     ids, images = torch.cat(ids), torch.cat(images)
     order = ids.argsort()
     return ids[order], images[order]
+
+
+def run_cli(*argv) -> int:
+    """``clipdistill eval|export|predict ARGV`` through the commands' own parsers; the exit code."""
+    import argparse
+
+    from clipdistill.engine.commands import evaluate, export
+
+    parser = argparse.ArgumentParser(prog="clipdistill")
+    subparsers = parser.add_subparsers()
+    evaluate.register(subparsers)
+    export.register(subparsers)
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)

@@ -4,7 +4,6 @@ command on tiny models and generated images, and the held-out model-selection me
 The metrics themselves (engine/distill/metrics.py) are tested in test_metrics.py."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -15,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.engine.commands import evaluate
 from clipdistill.engine.distill.metrics import agreement_kl, harmonic_mean
 from clipdistill.engine.evaluation.evaluate import (EvalInputError, heldout_agreement_kl, holdout_split, is_better,
                                                     scan_labeled_folder)
@@ -30,15 +28,7 @@ def world(tmp_path_factory):
     return data.World(tmp_path_factory.mktemp("eval"))
 
 
-def run_cli(*argv) -> int:
-    from clipdistill.engine.commands import export
-
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    subparsers = parser.add_subparsers()
-    evaluate.register(subparsers)
-    export.register(subparsers)
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+run_cli = data.run_cli
 
 
 # ------------------------------------------------------------------------------ model selection rule

@@ -2,7 +2,6 @@
 student (without the teacher), and a refusal, naming what differs, for every file that does not fit."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -34,16 +33,7 @@ def world(tmp_path_factory):
     return data.World(tmp_path_factory.mktemp("export"))
 
 
-def run_cli(*argv) -> int:
-    from clipdistill.engine.commands import evaluate
-    from clipdistill.engine.commands import export as export_command
-
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    subparsers = parser.add_subparsers()
-    evaluate.register(subparsers)
-    export_command.register(subparsers)
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+run_cli = data.run_cli
 
 
 def _predict_lines(capsys, *argv) -> list[dict]:
