@@ -378,6 +378,9 @@ def _normalize(batch_uint8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((batch_uint8.float() - mean) / std).to(dtype)
 
 
+# Long on purpose: one device check that must run start to finish in a single capped call (make the
+# photos, probe nvJPEG, time GPU decoding, time the PIL DataLoader, record); its parts share the
+# photo list and the timing settings, and each is a few lines.
 def check_nvjpeg(device: torch.device, n_images: int, batch: int, workers: int, repeats: int, data: Path) -> int:
     """torchvision.io.decode_jpeg(device="cuda") (nvJPEG), batched, against a PIL DataLoader."""
     import numpy as np

@@ -380,6 +380,8 @@ def _header(teacher: str, weights: Optional[str], weights_path: Optional[str], d
     }
 
 
+# About 55 lines of code under a 30-line docstring: one linear recipe (shots, learner, loader, the
+# epochs in _train, the file via _header, the optional before/after check), each step a call.
 def tune_teacher(
     teacher: str,
     weights: Optional[str],
