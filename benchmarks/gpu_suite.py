@@ -153,10 +153,8 @@ def parse_checks(cases: list[tuple[str, list[str]]], timeout_s: float = 120.0) -
 
 
 def e2e_entry() -> tuple[str, list[str]]:
-    """The e2e benchmark's module and leading arguments: benchmarks.bench_e2e if it exists, else the CLI."""
-    if (REPO_ROOT / "benchmarks" / "bench_e2e.py").is_file():
-        return "benchmarks.bench_e2e", []
-    return "clipdistill.engine.cli", ["bench", "e2e"]
+    """The e2e benchmark's module and leading arguments (``python -m benchmarks.bench_e2e``)."""
+    return "benchmarks.bench_e2e", []
 
 
 def e2e_learners(wanted: tuple[str, ...] = ("coop", "promptkd")) -> tuple[list[str], str]:

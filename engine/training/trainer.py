@@ -89,6 +89,11 @@ class Trainer:
         """Optimizer steps taken."""
         return self.core.step
 
+    @global_step.setter
+    def global_step(self, step: int) -> None:
+        self.core.step = int(step)
+        self.core.set_lr()
+
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
         return {
@@ -176,8 +181,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.run.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        self.core.step = int(state["step"])
-        self.core.set_lr()
+        self.global_step = int(state["step"])
         self.images_seen = int(state["images_seen"])
         self.best = state.get("best")
         self.log(f"clipdistill: resumed from {path} (step {self.global_step})")
@@ -265,6 +269,7 @@ class Trainer:
         tb = self._tensorboard() if self.is_main else None
         progress = self._progress() if self.is_main else None
         run.step.train()
+        self.core.micro = 0  # a new fit starts at a fresh accumulation window
         interval = _Interval(run.device, self.images_seen)
         last_good_ckpt = latest_checkpoint(self.ckpt_dir)
         summary: dict = {}
