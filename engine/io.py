@@ -5,6 +5,7 @@ shipped vocabulary, never the training loop or a command, so any module may use 
 """
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -18,16 +19,44 @@ from clipdistill.engine.vocabulary import BUILTIN_PREFIX, builtin_path
 # model's image tower records none of its own.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+KDPL_CSV_PREFIX = "kdpl-csv:"  # data.class_names=kdpl-csv:PATH: KDPL's vocabulary CSV
+KDPL_CSV_COLUMN = "ClassName"
+
+
+def _kdpl_csv_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """(line number, name) of a KDPL vocabulary CSV: a header row naming a ``ClassName`` column,
+    then one row per name (fields may be quoted; other columns are ignored)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or KDPL_CSV_COLUMN not in [h.strip().lstrip("\ufeff") for h in header]:
+            raise ConfigError(f"{what}: {path}: not a KDPL vocabulary CSV (its first row must name a "
+                              f"{KDPL_CSV_COLUMN!r} column; found {header!r})")
+        column = [h.strip().lstrip("\ufeff") for h in header].index(KDPL_CSV_COLUMN)
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                rows.append((line, ""))
+            elif len(row) <= column:
+                raise ConfigError(f"{what}: {path}: line {line} has no {KDPL_CSV_COLUMN!r} field")
+            else:
+                rows.append((line, row[column]))
+    return rows
 
 
 def read_class_names(path: str | Path, *, what: str = "data.class_names") -> list[str]:
     """One class name per line; lines starting with ``#`` are comments; empty lines and duplicates
     are errors naming their line numbers (an empty line would shift every later class index).
 
-    ``builtin:imagenet21k`` names the shipped concept vocabulary (see :mod:`.vocabulary`).
+    ``builtin:imagenet21k`` names the shipped concept vocabulary (see :mod:`.vocabulary`);
+    ``kdpl-csv:PATH`` reads KDPL's vocabulary CSV (a ``ClassName`` column under a header row).
     ``what`` names the setting or flag the path came from, for the error messages.
     """
-    if str(path).startswith(BUILTIN_PREFIX):
+    kdpl_csv = str(path).startswith(KDPL_CSV_PREFIX)
+    if kdpl_csv:
+        path = str(path)[len(KDPL_CSV_PREFIX):]
+    elif str(path).startswith(BUILTIN_PREFIX):
         try:
             path = builtin_path(str(path)[len(BUILTIN_PREFIX):])
         except ValueError as exc:
@@ -36,9 +65,11 @@ def read_class_names(path: str | Path, *, what: str = "data.class_names") -> lis
     if not str(path) or not path.is_file():
         raise ConfigError(f"{what}: class-name file {str(path)!r} does not exist (one class name per line)")
     names, seen, problems = [], {}, []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = (_kdpl_csv_lines(path, what) if kdpl_csv
+             else enumerate(path.read_text(encoding="utf-8").splitlines(), 1))
+    for lineno, line in lines:
         name = line.strip()
-        if name.startswith("#"):
+        if name.startswith("#") and not kdpl_csv:
             continue
         if not name:
             problems.append(f"line {lineno} is empty")

@@ -3,6 +3,9 @@
 The single hand-written template per dataset is the one CoOp, CoCoOp, MaPLe, PromptSRC,
 KDPL and PromptKD use for zero-shot CLIP and for text initialization. ``"imagenet_80"`` is
 CLIP's 80-template ImageNet ensemble, taken from open_clip rather than copied.
+``"imagenet_60"`` is the 60-template set PromptSRC's published code averages for the frozen
+text target of its self-regularization: "a photo of a {}." followed by the first 59 of CLIP's
+80, in CLIP's order.
 Every template has exactly one ``{}`` where the class name goes.
 """
 from __future__ import annotations
@@ -34,14 +37,21 @@ def _imagenet_80() -> tuple[str, ...]:
     return tuple(template("{}") for template in import_open_clip().OPENAI_IMAGENET_TEMPLATES)
 
 
+def _imagenet_60() -> tuple[str, ...]:
+    return ("a photo of a {}.",) + _imagenet_80()[:59]
+
+
+ENSEMBLES = {"imagenet_80": _imagenet_80, "imagenet_60": _imagenet_60}
+
+
 def templates_for(dataset: str) -> tuple[str, ...]:
     """Templates for ``dataset`` (case and dashes ignored), e.g. ``templates_for("Oxford-Pets")``."""
     key = dataset.lower().replace("-", "_").replace(" ", "_")
-    if key == "imagenet_80":
-        return _imagenet_80()
+    if key in ENSEMBLES:
+        return ENSEMBLES[key]()
     if key not in DATASET_TEMPLATES:
         raise KeyError(
-            f"no templates for dataset {dataset!r}; known: {sorted(DATASET_TEMPLATES) + ['imagenet_80']}. "
+            f"no templates for dataset {dataset!r}; known: {sorted(DATASET_TEMPLATES) + sorted(ENSEMBLES)}. "
             f"Pass your own templates (strings with one '{{}}') instead."
         )
     return DATASET_TEMPLATES[key]

@@ -23,6 +23,8 @@ def _cmd_tune_teacher(args: argparse.Namespace) -> int:
         result = tune_teacher(
             args.teacher, args.weights, args.data, out=args.out, class_names=args.class_names,
             templates=args.templates, learner_options=learner_options, settings=settings, device=args.device,
+            frozen_templates=None if args.frozen_templates == "none" else args.frozen_templates,
+            prompt_placement=args.prompt_placement,
             precision=args.precision, eval_data=args.eval_data, log=lambda m: print(m, file=sys.stderr, flush=True),
         )
     except (ValueError, FileNotFoundError) as exc:  # TuneTeacherInputError, ConfigError, EvalInputError
@@ -50,6 +52,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="a class with fewer than --shots images: refuse (default), use all its images, or skip it")
     parser.add_argument("--templates", default="imagenet",
                         help="template set name or file for PromptSRC's frozen class features (default imagenet)")
+    parser.add_argument("--frozen-templates", default="imagenet_60",
+                        help="PromptSRC's frozen text target: a template set or file (default imagenet_60, the "
+                             "published 60 templates; 'none': --templates)")
+    parser.add_argument("--prompt-placement", choices=["before_ln_pre", "after_ln_pre"], default="before_ln_pre",
+                        help="where vision prompts join the image tokens (default before_ln_pre, as published)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.0025)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -18,16 +18,28 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 from clipdistill.engine.config.schema import (ConfigError, _coerce, apply_overrides, deep_merge, from_dict, load_yaml,
                                               to_dict)
 from clipdistill.engine.prompts.registry import LEARNERS
 
-RECIPES = ("kdpl", "kdpl-ca", "promptkd")
+RECIPES = ("kdpl", "kdpl-ca", "promptkd", "promptkd-xd")
 LEARNER_KINDS = ("coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc", "promptkd")
 # Constructor arguments the builder supplies itself (never user options).
-_BUILDER_ARGS = {"self", "clip", "tokenizer", "class_names", "teacher_dim", "templates"}
+_BUILDER_ARGS = {"self", "clip", "tokenizer", "class_names", "teacher_dim", "templates", "prompt_placement"}
+# A recipe's own keys that are not run settings: read by load_run_config, never part of a RunConfig.
+# ``extends``: another shipped recipe this one starts from; ``learner_presets``: per learner kind, the
+# settings its paper published (applied under the user's own settings); ``dataset_presets``: per
+# ``data.dataset``, the same (e.g. PromptKD's kd_weight table).
+_RECIPE_KEYS = ("extends", "learner_presets", "dataset_presets")
+# Keys a checkpoint written before they existed lacks, and the behaviour that code had (where it is
+# not the key's default today). Every other absent key reads as its default.
+LEGACY_VALUES: dict[str, Any] = {
+    "learner.prompt_placement": "after_ln_pre",  # vision prompts went in after ln_pre until this key came
+    "learner.gpa": False,  # distill did not aggregate PromptSRC's prompts
+    "learner.frozen_templates": None,  # PromptSRC's frozen text target was data.templates
+}
 
 
 @dataclass
@@ -53,6 +65,18 @@ class LearnerConfig:
 
     kind: Literal["coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc", "promptkd"] = "coop"
     options: dict[str, Any] = field(default_factory=dict)
+    # Where vision prompts (VPT, MaPLe, IVLP/PromptSRC, PromptKD's student) join the image tokens:
+    # before the vision tower's ln_pre, as the published code does, or after it (this engine's
+    # placement before the key existed, kept to reproduce runs made then).
+    prompt_placement: Literal["before_ln_pre", "after_ln_pre"] = "before_ln_pre"
+    # PromptSRC: the frozen text target of its self-regularization, a template set or file (the
+    # published code: the 60 ImageNet templates); null: data.templates.
+    frozen_templates: Optional[str] = "imagenet_60"
+    # PromptSRC: Gaussian prompt aggregation over epochs; the aggregate is the run's result. Mean and
+    # std are fractions of the run's epochs: 0.75 and 0.05 are the published 15 and 1 at 20 epochs.
+    gpa: bool = True
+    gpa_mean: float = 0.75
+    gpa_std: float = 0.05
 
 
 @dataclass
@@ -71,6 +95,14 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     precheck: bool = True
     holdout_fraction: float = 0.0  # unlabeled images held out for model selection (never trained on)
+    # Few-shot distillation: ``shots`` images per class drawn (seeded by shot_seed) from data.train, a
+    # folder with one subfolder of images per class (the labels are never used, only the layout).
+    shots: Optional[int] = None
+    shot_seed: int = 1
+    # Base-to-novel: train on the first half of the classes (rounded up), as CoOp/KDPL split them.
+    # Needs class subfolders in data.train; the class names become the base half.
+    base_classes_only: bool = False
+    dataset: Optional[str] = None  # a dataset key (e.g. dtd, fgvc_aircraft) selecting a recipe's dataset_presets
 
 
 @dataclass
@@ -96,6 +128,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    warmup_epochs: int = 0  # warm-up in epochs (the papers' unit); exclusive with warmup_steps
     warmup_lr: Optional[float] = 1e-5  # constant lr during warm-up (CoOp/KDPL); null: linear ramp from 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_accum: int = 1
@@ -124,6 +157,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    # Dotted keys the user set (file or overrides), as load_run_config saw them; not part of the config.
+    explicit_keys: ClassVar[frozenset] = frozenset()
+
     method: Literal["kdpl", "promptkd"]
     teacher: TeacherConfig
     student: ModelConfig
@@ -164,8 +200,23 @@ class RunConfig:
                               "teacher cache); unset teacher.cache or data.holdout_fraction")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
-        if self.optim.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if self.optim.warmup_steps < 0 or self.optim.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_steps and optim.warmup_epochs must be >= 0, got "
+                              f"{self.optim.warmup_steps}, {self.optim.warmup_epochs}")
+        if self.optim.warmup_steps and self.optim.warmup_epochs:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} and optim.warmup_epochs="
+                              f"{self.optim.warmup_epochs} both set: give the warm-up in one unit")
+        if self.data.shots is not None and self.data.shots < 1:
+            raise ConfigError(f"data.shots must be >= 1 or null, got {self.data.shots}")
+        if (self.data.shots is not None or self.data.base_classes_only) and self.loss.top_k is not None:
+            raise ConfigError("data.shots / data.base_classes_only need a labeled folder's classes; the "
+                              "class-agnostic recipe (loss.top_k) has none")
+        if (self.data.shots is not None or self.data.base_classes_only) and self.teacher.cache:
+            raise ConfigError("data.shots / data.base_classes_only choose images and classes that a teacher cache "
+                              "was not built for; unset teacher.cache")
+        if self.learner.gpa_std <= 0 or self.learner.gpa_mean <= 0:
+            raise ConfigError(f"learner.gpa_mean and learner.gpa_std must be > 0 (fractions of the run's "
+                              f"epochs), got {self.learner.gpa_mean}, {self.learner.gpa_std}")
         learner_options(self.learner.kind, self.learner.options)  # names and types
 
 
@@ -199,6 +250,36 @@ def recipe_path(name: str) -> Path:
     return Path(str(resources.files("clipdistill.engine") / "config" / "recipes" / f"{name}.yaml"))
 
 
+def _read_recipe(name: str, seen: tuple[str, ...] = ()) -> dict:
+    """A shipped recipe's mapping, with the recipe it ``extends`` merged under it."""
+    if name in seen:
+        raise ConfigError(f"recipe {name!r} extends itself (through {' -> '.join(seen)})")
+    data = load_yaml(recipe_path(name))
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return deep_merge(_read_recipe(str(parent), seen + (name,)), data)
+
+
+def _leaf_keys(data: Any, prefix: str = "") -> set[str]:
+    """Dotted keys of every value (not section) in a nested mapping."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")}
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= _leaf_keys(value, f"{prefix}{key}.")
+    return out
+
+
+def _preset(presets: Any, key: Optional[str], what: str) -> dict:
+    if key is None or not isinstance(presets, dict):
+        return {}
+    preset = presets.get(str(key).lower().replace("-", "_"), {})
+    if not isinstance(preset, dict):
+        raise ConfigError(f"recipe {what} preset for {key!r} is not a mapping")
+    return preset
+
+
 def load_run_config(
     config: str | Path | dict | None = None,
     overrides: Sequence[str] = (),
@@ -208,7 +289,12 @@ def load_run_config(
     """Recipe defaults, then the config file (or mapping), then ``key=value`` overrides.
 
     The recipe comes from ``recipe``, else the file's own ``recipe:`` key, else the
-    ``method=`` override. Errors name the key that is wrong.
+    ``method=`` override. Between the recipe and the user's settings come the recipe's
+    presets: ``learner_presets[learner.kind]`` (the chosen learner's published batch size,
+    epochs, learning rate and options) and ``dataset_presets[data.dataset]``; whatever the
+    user sets wins over both. An explicit ``optim.warmup_steps`` replaces the recipe's
+    warm-up in epochs. Errors name the key that is wrong. The keys the user set are kept
+    in ``cfg.explicit_keys`` (a resumed run takes the others from its checkpoint).
     """
     data: dict = {}
     if isinstance(config, dict):
@@ -221,20 +307,104 @@ def load_run_config(
         for text in overrides:
             if text.startswith("method="):
                 recipe = text.split("=", 1)[1].strip()
-    base = load_yaml(recipe_path(recipe)) if recipe else {}
+    base = _read_recipe(recipe) if recipe else {}
+    learner_presets, dataset_presets = base.pop("learner_presets", None), base.pop("dataset_presets", None)
     user = apply_overrides(data, list(overrides), RunConfig)
+    explicit = _leaf_keys(user)
     base_kind = base.get("learner", {}).get("kind")
     user_kind = user.get("learner", {}).get("kind")
     if user_kind is not None and user_kind != base_kind and "learner" in base:
         # The recipe's learner options belong to its own learner, not to the one chosen instead.
         base["learner"] = {k: v for k, v in base["learner"].items() if k != "options"}
+    base = deep_merge(base, _preset(learner_presets, user_kind or base_kind, "learner"))
+    dataset = user.get("data", {}).get("dataset", base.get("data", {}).get("dataset"))
+    base = deep_merge(base, _preset(dataset_presets, dataset, "dataset"))
+    if "optim.warmup_steps" in explicit and "optim.warmup_epochs" not in explicit:
+        base.setdefault("optim", {})["warmup_epochs"] = 0
     merged = deep_merge(base, user)
     if "method" not in merged:
         raise ConfigError("no method: name a recipe (--recipe kdpl|promptkd, 'recipe:' in the file, "
                           "or method=...)")
     cfg = from_dict(RunConfig, merged)
     cfg.learner.options = learner_options(cfg.learner.kind, cfg.learner.options)
+    cfg.explicit_keys = frozenset(explicit)
     return cfg
+
+
+def _schema_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> default of every leaf the schema gives a default."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name]):
+            out.update(_schema_defaults(hints[f.name], f"{key}."))
+        elif f.default is not dataclasses.MISSING:
+            out[key] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[key] = to_dict(f.default_factory())
+    return out
+
+
+def _get(tree: dict, key: str, missing: Any = None) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def with_absent_keys(saved: dict) -> dict:
+    """A saved config (checkpoint, export) with the keys it predates filled in.
+
+    A key the saving code did not know reads as the behaviour that code had: its
+    :data:`LEGACY_VALUES` entry, else today's default. So a checkpoint written before a key
+    existed compares equal on ``--resume`` and rebuilds as it was trained.
+    """
+    out = to_dict(saved)
+    missing = object()
+    for key, default in _schema_defaults(RunConfig).items():
+        if _get(out, key, missing) is missing and isinstance(_get(out, key.rsplit(".", 1)[0], {}), dict):
+            _set(out, key, LEGACY_VALUES.get(key, default))
+    return out
+
+
+def resume_config(cfg: RunConfig, saved: dict) -> tuple[RunConfig, list[str]]:
+    """The config a resumed run continues with: ``cfg``, but every key the user did not set
+    (``cfg.explicit_keys``) and that differs from the checkpoint's ``saved`` config is taken from
+    the checkpoint, so changed recipe defaults (presets, warm-up, placement) never change or block
+    a run started before them. Returns the config and the keys taken; keys the user did set and
+    that differ are left for the resume check to refuse."""
+    saved = with_absent_keys(saved)
+    now = dump_run_config(cfg)
+    explicit = cfg.explicit_keys
+    missing = object()
+    taken = []
+    for key in config_differences(saved, now):
+        if key == "train.resume" or any(key == e or key.startswith(e + ".") for e in explicit):
+            continue
+        value = _get(saved, key, missing)
+        if value is missing:  # an option the saved run did not have
+            *parents, leaf = key.split(".")
+            _get(now, ".".join(parents)).pop(leaf, None)
+        else:
+            _set(now, key, value)
+        taken.append(key)
+    if not taken:
+        return cfg, []
+    resumed = from_dict(RunConfig, now)
+    resumed.learner.options = learner_options(resumed.learner.kind, resumed.learner.options)
+    resumed.explicit_keys = explicit
+    return resumed, taken
 
 
 def dump_run_config(cfg: RunConfig) -> dict:
@@ -257,5 +427,6 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 __all__ = [
     "RunConfig", "ModelConfig", "TeacherConfig", "LearnerConfig", "DataConfig", "LossConfig", "OptimConfig", "TrainConfig",
     "load_run_config", "learner_options", "recipe_path", "dump_run_config", "config_differences", "RECIPES",
+    "LEGACY_VALUES", "with_absent_keys", "resume_config",
 ]
 _ = dataclasses  # re-exported helpers above rely on dataclasses at import time

@@ -9,13 +9,15 @@ calling a per-layer hook between blocks. With no prompts the hook is never calle
 operations are the same as open_clip's, so features match bit for bit.
 
 Where prompts sit:
-- Vision: prompt tokens are appended after the patch tokens, after ``ln_pre``
-  ([CLS, patches, prompts]); at each of the first ``depth`` layers the trailing prompt
-  tokens are replaced by that layer's prompts ("deep" prompting); later layers carry the
-  previous layer's outputs. They are cut off before pooling, so ``avg`` pooling and
-  attentional poolers see only the image tokens. (Published MaPLe/IVLP code appends the
-  first layer's prompts before ``ln_pre``; with learned prompts this only reparametrizes
-  them, and treating every layer alike keeps one code path.)
+- Vision: prompt tokens are appended after the patch tokens ([CLS, patches, prompts]).
+  The first layer's prompts join before ``ln_pre`` by default (``before_ln_pre=True``), as
+  the published VPT, MaPLe, IVLP/PromptSRC and PromptKD code concatenates them, so ln_pre
+  normalizes them with the image tokens; ``before_ln_pre=False`` appends them after
+  ``ln_pre`` (this engine's placement before the option existed, kept so that runs made then
+  reproduce). At each of the first ``depth`` layers the trailing prompt tokens are replaced by
+  that layer's prompts ("deep" prompting); later layers carry the previous layer's outputs.
+  They are cut off before pooling, so ``avg`` pooling and attentional poolers see only the
+  image tokens.
 - Text: prompt tokens occupy positions ``1 .. 1+n`` (after the start token), as in CoOp;
   deeper layers replace those positions. Pooling uses the placeholder token ids, so the
   end-of-text position is found as open_clip finds it.
@@ -86,15 +88,20 @@ def check_vision_tower(visual: nn.Module) -> None:
         )
 
 
-def _vision_embeds(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    if hasattr(visual, "_embeds"):
-        return visual._embeds(images)
-    # open_clip before ``_embeds`` existed: the same steps its forward took.
+def _vision_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[CLS, patches] with positions, before ``ln_pre``: the steps of open_clip's ``_embeds``."""
     x = visual.conv1(images)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    return visual.ln_pre(visual.patch_dropout(x))
+    return visual.patch_dropout(x)
+
+
+def _vision_embeds(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    if hasattr(visual, "_embeds"):
+        return visual._embeds(images)
+    # open_clip before ``_embeds`` existed: the same steps its forward took.
+    return visual.ln_pre(_vision_tokens(visual, images))
 
 
 def _vision_pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +121,7 @@ def encode_image(
     visual: nn.Module,
     images: torch.Tensor,
     layer_prompts: Sequence[torch.Tensor] = (),
+    before_ln_pre: bool = True,
 ) -> torch.Tensor:
     """Image features through open_clip's vision tower with deep vision prompts.
 
@@ -122,23 +130,31 @@ def encode_image(
         images: (B, 3, H, W).
         layer_prompts: one tensor per prompted layer, starting at layer 0, each (n, width)
             or (B, n, width), all with the same n. Empty, or n == 0: open_clip's own path.
+        before_ln_pre: layer 0's prompts join the tokens before ``ln_pre`` (the published
+            placement) or after it (see the module docstring).
 
     Returns:
         (B, output_dim) unnormalized features, as ``visual(images)``.
     """
-    x = _vision_embeds(visual, images)
     n_prompts = layer_prompts[0].shape[-2] if len(layer_prompts) else 0
     if n_prompts == 0:
-        x = run_blocks(visual.transformer, x)
+        x = run_blocks(visual.transformer, _vision_embeds(visual, images))
     else:
         if len(layer_prompts) > len(visual.transformer.resblocks):
             raise ValueError(
                 f"{len(layer_prompts)} prompted layers for a tower of {len(visual.transformer.resblocks)}"
             )
-        n_tokens = x.shape[1]
+        if before_ln_pre:
+            tokens = _vision_tokens(visual, images)
+            n_tokens = tokens.shape[1]
+            first = _expand_prompts(layer_prompts[0], tokens.shape[0], tokens.dtype)
+            x = visual.ln_pre(torch.cat([tokens, first], dim=1))
+        else:
+            x = _vision_embeds(visual, images)
+            n_tokens = x.shape[1]
 
         def insert(index: int, h: torch.Tensor) -> torch.Tensor:
-            if index >= len(layer_prompts):
+            if index >= len(layer_prompts) or (index == 0 and before_ln_pre):
                 return h
             prompts = _expand_prompts(layer_prompts[index], h.shape[0], h.dtype)
             return torch.cat([h[:, :n_tokens], prompts], dim=1)

@@ -210,9 +210,16 @@ def _freeze_eval(module: nn.Module) -> nn.Module:
     return module
 
 
+def prompt_placement_of(header: Mapping[str, Any]) -> str:
+    """The vision prompts' placement a tuned teacher was tuned with; files written before the
+    placement was recorded put them after ln_pre."""
+    return header["learner"].get("prompt_placement", "after_ln_pre")
+
+
 def _options_from_header(header: Mapping[str, Any]) -> dict:
     options = dict(header["learner"]["options"])
-    options["templates"] = tuple(header["templates"])
+    options["templates"] = tuple(header.get("frozen_templates") or header["templates"])
+    options["prompt_placement"] = prompt_placement_of(header)
     return options
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.models.clip import Teacher, _check_model_name, import_open_clip, load_clip
-from clipdistill.engine.models.tuned import LEARNER_KIND, load_tuned_teacher, read_tuned_header
+from clipdistill.engine.models.tuned import LEARNER_KIND, load_tuned_teacher, prompt_placement_of, read_tuned_header
 from clipdistill.engine.parallel.launch import OFFLOAD_DEVICES, broadcast_from_rank0, is_initialized
 from clipdistill.engine.prompts.learners import encode_deep_prompted
 
@@ -228,14 +228,15 @@ class PromptedImageTower(nn.Module):
     ``vision_prompts`` (depth, n, W_vision), or the plain tower's features without prompts.
     """
 
-    def __init__(self, visual: nn.Module, prompt_shape: Optional[tuple[int, ...]]):
+    def __init__(self, visual: nn.Module, prompt_shape: Optional[tuple[int, ...]], before_ln_pre: bool = True):
         super().__init__()
         self.visual = visual
+        self.before_ln_pre = before_ln_pre
         self.vision_prompts = (nn.Parameter(torch.zeros(prompt_shape), requires_grad=False)
                                if prompt_shape is not None else None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_deep_prompted(self.visual, images, self.vision_prompts)
+        return encode_deep_prompted(self.visual, images, self.vision_prompts, self.before_ln_pre)
 
 
 def _require_process_group() -> int:
@@ -375,7 +376,8 @@ def build_sharded_tuned_teacher(
     del tuned, make  # rank 0's text side
 
     def prompted_tower() -> PromptedImageTower:
-        module = PromptedImageTower(build_vision_tower(model_name), prompt_shape)
+        module = PromptedImageTower(build_vision_tower(model_name), prompt_shape,
+                                    before_ln_pre=prompt_placement_of(header) == "before_ln_pre")
         # ZeRO-3 gathers a module's own parameters when that module's forward runs. The prompted
         # path runs the tower's submodules but never ``visual.forward``, so the tower's direct
         # parameters (class_embedding, positional_embedding, proj) are gathered and released

@@ -347,17 +347,28 @@ def _vpt_uniform(shape: tuple[int, ...], patch_size: tuple[int, int], width: int
     return torch.empty(shape).uniform_(-bound, bound)
 
 
+PROMPT_PLACEMENTS = ("before_ln_pre", "after_ln_pre")
+"""Where vision prompts join the image tokens (:func:`clipdistill.engine.models.towers.encode_image`)."""
+
+
+def _before_ln_pre(prompt_placement: str) -> bool:
+    if prompt_placement not in PROMPT_PLACEMENTS:
+        raise ValueError(f"prompt_placement must be one of {PROMPT_PLACEMENTS}, got {prompt_placement!r}")
+    return prompt_placement == "before_ln_pre"
+
+
 def encode_deep_prompted(visual: nn.Module, images: torch.Tensor,
-                         vision_prompts: Optional[torch.Tensor]) -> torch.Tensor:
+                         vision_prompts: Optional[torch.Tensor], before_ln_pre: bool = True) -> torch.Tensor:
     """The deep-vision-prompt learners' image path (VPT-deep, IVLP/PromptSRC, PromptKD's student).
 
     visual: open_clip ``VisionTransformer``; images (B, 3, H, W); vision_prompts
-    (depth, n, W_vision), layer i's prompts at row i, or None (no prompts). Returns (B, D)
+    (depth, n, W_vision), layer i's prompts at row i, or None (no prompts); ``before_ln_pre``:
+    the first layer's prompts go through ``ln_pre`` (the published placement). Returns (B, D)
     unnormalized features. Also what the ZeRO-3 tuned teacher runs
     (:func:`clipdistill.engine.distributed.build_sharded_tuned_teacher`).
     """
     layers = list(vision_prompts.unbind(0)) if vision_prompts is not None else []
-    return _encode_image(visual, images, layers)
+    return _encode_image(visual, images, layers, before_ln_pre=before_ln_pre)
 
 
 class _FixedClassVectors:
@@ -392,8 +403,10 @@ class VPTDeep(PromptLearner):
         n_tokens: int = 8,
         depth: int = 12,
         templates: Sequence[str] = ("a photo of a {}.",),
+        prompt_placement: str = "before_ln_pre",
     ):
         super().__init__(clip)
+        self.before_ln_pre = _before_ln_pre(prompt_placement)
         visual = self.clip.visual
         check_vision_tower(visual)
         if depth > len(visual.transformer.resblocks):
@@ -407,7 +420,7 @@ class VPTDeep(PromptLearner):
         self._follow_backbone_device()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts)
+        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts, self.before_ln_pre)
 
     def class_features(
         self, class_indices: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None
@@ -433,10 +446,12 @@ class MaPLe(_TextPromptedLearner):
         n_ctx: int = 2,
         depth: int = 9,
         init_words: Optional[str] = "a photo of a",
+        prompt_placement: str = "before_ln_pre",
     ):
         if n_ctx == 0 or depth == 0:
             n_ctx, depth, init_words = 0, 0, None
         super().__init__(clip, tokenizer, class_names, n_ctx, init_words)
+        self.before_ln_pre = _before_ln_pre(prompt_placement)
         visual = self.clip.visual
         check_vision_tower(visual)
         layers = min(len(visual.transformer.resblocks), len(self.tower.transformer.resblocks))
@@ -458,7 +473,7 @@ class MaPLe(_TextPromptedLearner):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         layers = [proj(p) for proj, p in zip(self.projections, self._text_layers())]
-        return _encode_image(self.clip.visual, images, layers)
+        return _encode_image(self.clip.visual, images, layers, before_ln_pre=self.before_ln_pre)
 
 
 class IVLP(_TextPromptedLearner):
@@ -479,10 +494,12 @@ class IVLP(_TextPromptedLearner):
         n_vision_ctx: int = 4,
         vision_depth: int = 9,
         init_words: Optional[str] = "a photo of a",
+        prompt_placement: str = "before_ln_pre",
     ):
         if n_text_ctx == 0 or text_depth == 0:
             n_text_ctx, text_depth, init_words = 0, 0, None
         super().__init__(clip, tokenizer, class_names, n_text_ctx, init_words)
+        self.before_ln_pre = _before_ln_pre(prompt_placement)
         visual = self.clip.visual
         check_vision_tower(visual)
         if text_depth > len(self.tower.transformer.resblocks) or vision_depth > len(visual.transformer.resblocks):
@@ -502,7 +519,7 @@ class IVLP(_TextPromptedLearner):
         return [None] + list(self.text_prompts.unbind(0)) if self.text_prompts is not None else ()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts)
+        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts, self.before_ln_pre)
 
 
 PROMPTSRC_LOSS_WEIGHTS = {"scl_text": 25.0, "scl_image": 10.0, "scl_logits": 1.0}
@@ -533,8 +550,10 @@ class PromptSRC(IVLP):
         vision_depth: int = 9,
         init_words: Optional[str] = "a photo of a",
         templates: Sequence[str] = ("a photo of a {}.",),
+        prompt_placement: str = "before_ln_pre",
     ):
-        super().__init__(clip, tokenizer, class_names, n_text_ctx, text_depth, n_vision_ctx, vision_depth, init_words)
+        super().__init__(clip, tokenizer, class_names, n_text_ctx, text_depth, n_vision_ctx, vision_depth, init_words,
+                         prompt_placement)
         self.frozen = _FixedClassVectors(tokenizer, class_names, templates)
 
     @torch.no_grad()
@@ -582,7 +601,20 @@ class GaussianPromptAggregator:
         self.weights = (density / density.sum()).tolist()
         self._sum: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def over_run(cls, n_epochs: int, mean_fraction: float, std_fraction: float) -> "GaussianPromptAggregator":
+        """Mean and std given as fractions of the run's epochs (0.75 and 0.05: 15 and 1 of 20)."""
+        return cls(n_epochs, mean=mean_fraction * n_epochs, std=std_fraction * n_epochs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The running weighted sum (what a checkpoint stores to resume the aggregation)."""
+        return {k: v.clone() for k, v in self._sum.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._sum = {k: v.clone() for k, v in state.items()}
+
     def add(self, state: dict[str, torch.Tensor], epoch: int) -> None:
+        """Add the learner's ``state`` at the end of ``epoch`` (1-based) with that epoch's weight."""
         weight = self.weights[epoch - 1]
         for key, value in state.items():
             if not value.is_floating_point():
@@ -658,8 +690,10 @@ class PromptKDStudent(PromptLearner):
         depth: int = 9,
         projector: str = "conv_bn",
         hidden_dim: Optional[int] = None,
+        prompt_placement: str = "before_ln_pre",
     ):
         super().__init__(clip)
+        self.before_ln_pre = _before_ln_pre(prompt_placement)
         visual = self.clip.visual
         check_vision_tower(visual)
         if depth > len(visual.transformer.resblocks):
@@ -675,7 +709,7 @@ class PromptKDStudent(PromptLearner):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D_student) prompted features, before the projector."""
-        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts)
+        return encode_deep_prompted(self.clip.visual, images, self.vision_prompts, self.before_ln_pre)
 
     def project(self, images: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D_teacher) normalized features in the teacher's space.

@@ -28,20 +28,25 @@ def build_learner(
     class_names: Optional[Sequence[str]] = None,
     teacher_dim: Optional[int] = None,
     templates: Optional[Sequence[str]] = None,
+    prompt_placement: Optional[str] = None,
     **options,
 ) -> PromptLearner:
     """Construct the learner called ``name`` (a key of :data:`LEARNERS`) from plain arguments.
 
     Text-side learners need ``tokenizer`` and ``class_names``; PromptKD's student needs
     ``teacher_dim``; learners with fixed prompts (VPT, PromptSRC's frozen reference) take
-    ``templates`` and the others ignore it; ``options`` are the learner's own keyword
-    arguments (n_ctx, depth, ...).
+    ``templates`` and the others ignore it; so do learners without vision prompts ignore
+    ``prompt_placement`` (None: the learner's default, the published placement);
+    ``options`` are the learner's own keyword arguments (n_ctx, depth, ...).
     """
     if name not in LEARNERS:
         raise ValueError(f"unknown prompt learner {name!r}; choose one of {sorted(LEARNERS)}")
     cls = LEARNERS[name]
-    if templates is not None and "templates" in inspect.signature(cls.__init__).parameters:
+    parameters = inspect.signature(cls.__init__).parameters
+    if templates is not None and "templates" in parameters:
         options = {**options, "templates": tuple(templates)}
+    if prompt_placement is not None and "prompt_placement" in parameters:
+        options = {**options, "prompt_placement": prompt_placement}
     if cls is PromptKDStudent:
         if teacher_dim is None:
             raise ValueError("promptkd needs teacher_dim, the teacher's embedding size")

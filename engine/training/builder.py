@@ -8,17 +8,19 @@ training run's by construction.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
-from clipdistill.engine.config.run import RunConfig
+from clipdistill.engine.config.run import RunConfig, dump_run_config, resume_config
 from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.distill.step import DistillStep
-from clipdistill.engine.evaluation.evaluate import holdout_split
+from clipdistill.engine.evaluation.evaluate import holdout_split, scan_labeled_folder
 from clipdistill.engine.io import image_spec, read_class_names, read_templates, resolve_device
 from clipdistill.engine.models.class_vectors import ClassVectorKey, cached_class_vectors, teacher_class_vectors
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer
@@ -27,8 +29,10 @@ from clipdistill.engine.parallel import launch, zero
 from clipdistill.engine.parallel.batchnorm import sync_batch_norm
 from clipdistill.engine.prompts.learners import PromptLearner
 from clipdistill.engine.prompts.registry import build_learner
+from clipdistill.engine.training.checkpoint import latest_checkpoint, load_checkpoint_config
 from clipdistill.engine.training.data import heldout_transform, image_loader, training_transform
 from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCache, run_key
+from clipdistill.engine.training.tune_teacher import draw_shots
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import resolve_source
 from clipdistill.loaders.views import ReplayViews
@@ -51,6 +55,10 @@ class Run:
     heldout_loader: Optional[ImageLoader] = None  # held-out unlabeled images (center views), or None
     feature_cache: Optional[TeacherCache] = None  # set with teacher.cache: teacher features are looked up
     owns_process_group: bool = False  # build_run joined the launcher's process group (distill() leaves it)
+    # Where the teacher's class vectors came from: "teacher", "tuned" (teacher.prompts) or "teacher_cache";
+    # stored with the run's checkpoints (engine/training/checkpoint.py, save_class_vectors).
+    class_vectors_source: str = "teacher"
+    templates: Optional[list[str]] = None
 
 
 @dataclass
@@ -144,9 +152,12 @@ def _student(cfg: RunConfig, class_names: list[str], templates: list[str], teach
     torch.manual_seed(cfg.train.seed + 1)
     student_clip = build_student(cfg.student.name, cfg.student.weights, device=where.device,
                                  precision=cfg.student.precision or "fp32")
+    if cfg.learner.kind == "promptsrc" and cfg.learner.frozen_templates:
+        # PromptSRC's templates are its frozen text target (the published 60 by default)
+        templates = read_templates(cfg.learner.frozen_templates, what="learner.frozen_templates")
     learner = build_learner(cfg.learner.kind, student_clip, tokenizer=get_tokenizer(cfg.student.name),
                             class_names=class_names, templates=templates, teacher_dim=teacher_dim,
-                            **cfg.learner.options).to(where.device)
+                            prompt_placement=cfg.learner.prompt_placement, **cfg.learner.options).to(where.device)
     if where.world > 1:
         learner = sync_batch_norm(learner)  # PromptKD's projector BN sees the global batch
     return learner
@@ -165,18 +176,60 @@ def _outputs(student_clip: nn.Module, teacher: Optional[nn.Module]) -> tuple[lis
     return outputs + [OutputSpec("teacher", *spec)], "teacher"
 
 
+def labeled_selection(cfg: RunConfig, log: Callable[[str], None] = print):
+    """Class names and images of a few-shot and/or base-class run (``data.shots``,
+    ``data.base_classes_only``): data.train is a folder of class subfolders; the labels only choose
+    images and classes, the distillation never sees them. Shots are drawn per class first
+    (:func:`~clipdistill.engine.training.tune_teacher.draw_shots`, seeded by ``data.shot_seed``;
+    a class with fewer images gives all it has), then the base classes, the first half rounded
+    up in class order, are kept, as CoOp and KDPL split base and novel."""
+    names_file = cfg.data.class_names or None
+    try:
+        if cfg.data.shots is not None:
+            drawn = draw_shots(cfg.data.train, names_file, cfg.data.shots, cfg.data.shot_seed, "use-all")
+            if drawn.short:
+                log(f"clipdistill: {len(drawn.short)} class(es) have fewer than data.shots={cfg.data.shots} "
+                    f"images and give all they have: " + ", ".join(list(drawn.short)[:8]))
+            names, samples, labels = drawn.class_names, drawn.samples, drawn.labels
+        else:
+            folder = scan_labeled_folder(cfg.data.train, names_file)
+            names, samples, labels = folder.class_names, folder.samples, folder.labels
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data.shots / data.base_classes_only need data.train to be a folder with one "
+                          f"subfolder of images per class: {exc}") from exc
+    if cfg.data.base_classes_only:
+        base = math.ceil(len(names) / 2)
+        keep = np.flatnonzero(labels < base)
+        names, samples = names[:base], samples.subset(keep)
+    return list(names), samples
+
+
 def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     """Turn a config into models, class vectors, the step and the loaders (the one builder)."""
-    class_names = read_class_names(cfg.data.class_names)
-    templates = read_templates(cfg.data.templates)
+    if cfg.train.resume:
+        cfg = _resumed_config(cfg, log)
     if not cfg.data.train:
         raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
+    selected = None
+    if cfg.data.shots is not None or cfg.data.base_classes_only:
+        class_names, selected = labeled_selection(cfg, log)
+        log(f"clipdistill: {len(selected)} images of {len(class_names)} classes"
+            + (f" ({cfg.data.shots} shots per class, seed {cfg.data.shot_seed})" if cfg.data.shots else "")
+            + (", base classes only" if cfg.data.base_classes_only else ""))
+    else:
+        class_names = read_class_names(cfg.data.class_names)
+    templates = read_templates(cfg.data.templates)
     where = _place(cfg)
     device, rank, world = where.device, where.rank, where.world
     torch.manual_seed(cfg.train.seed)
     feature_cache = None
     lists = str(Path(cfg.train.out_dir) / "lists")
-    source = cfg.data.train
+    source = cfg.data.train if selected is None else selected
+    vectors_source = "teacher_cache" if cfg.teacher.cache else "tuned" if cfg.teacher.prompts else "teacher"
+    if cfg.method == "promptkd" and vectors_source == "teacher":
+        log(f"clipdistill: WARNING: PromptKD is distilling from the untuned teacher {cfg.teacher.name} "
+            f"({cfg.teacher.weights}): the published method first prompt-tunes it (clipdistill tune-teacher) and "
+            f"passes that file as teacher.prompts, whose class vectors the student then learns and predicts with")
     if cfg.teacher.cache:
         teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, lists)
         if where.ds_config is not None:
@@ -211,8 +264,8 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     outputs, teacher_input = _outputs(learner.clip, None if feature_cache is not None else teacher)
     heldout_loader = None
     if cfg.data.holdout_fraction > 0:
-        source, heldout = holdout_split(resolve_source(cfg.data.train, cache_dir=lists), cfg.data.holdout_fraction,
-                                        seed=cfg.train.seed)
+        pool = resolve_source(cfg.data.train, cache_dir=lists) if selected is None else selected
+        source, heldout = holdout_split(pool, cfg.data.holdout_fraction, seed=cfg.train.seed)
         heldout_loader = image_loader(heldout, cfg.data, outputs=outputs, transform=heldout_transform(),
                                       seed=cfg.train.seed, device=device, dtype=dtype, rank=rank, world_size=world)
         log(f"clipdistill: {len(heldout)} unlabeled images held out for model selection "
@@ -230,4 +283,30 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     return Run(config=cfg, device=device, teacher=teacher, learner=learner, step=step, loader=loader,
                class_names=class_names, teacher_input=teacher_input, student_input="student",
                autocast_dtype=autocast_dtype, heldout_loader=heldout_loader, feature_cache=feature_cache,
-               owns_process_group=where.owns_group)
+               owns_process_group=where.owns_group, class_vectors_source=vectors_source, templates=templates)
+
+
+def _resumed_config(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
+    """``cfg``, with what the user did not set taken from the checkpoint it resumes
+    (:func:`~clipdistill.engine.config.run.resume_config`)."""
+    path = latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
+    if path is None:
+        return cfg
+    saved = load_checkpoint_config(path)
+    resumed, taken = resume_config(cfg, saved)
+    if taken:
+        log(f"clipdistill: --resume: taken from {path.name}, as the run started with them (you did not set "
+            f"them): " + ", ".join(f"{k}={_short(v)}" for k, v in ((k, _lookup(dump_run_config(resumed), k))
+                                                                     for k in taken)))
+    return resumed
+
+
+def _lookup(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -15,6 +15,7 @@ place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "clipdistill-checkpoint/1"
+CLASS_VECTORS_FORMAT = "clipdistill-run-class-vectors/1"
 _NAME = re.compile(r"^step-(\d{9})\.safetensors$")
 
 
@@ -191,3 +193,71 @@ def load_checkpoint(path: str | Path) -> dict:
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1][1] if found else None
+
+
+def load_checkpoint_config(path: str | Path) -> dict:
+    """The run config a checkpoint was written with, read from its header alone (no tensors)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for torn/garbled files
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a clipdistill checkpoint (format {metadata.get('format')!r})")
+    config = json.loads(metadata["state"]).get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a checkpoint without its run config")
+    return config
+
+
+# ------------------------------------------------------------------------------ the run's class vectors
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's float32 values (C order): the key of stored class vectors."""
+    array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def save_class_vectors(folder: str | Path, vectors: torch.Tensor, *, class_names: list[str], source: str,
+                       templates: list[str] | None = None) -> dict:
+    """Store the class vectors (C, D) a run trains against, once, as
+    ``folder/class_vectors-<sha256[:16]>.safetensors`` (atomically; an existing file of the same
+    checksum is kept). Returns the record a checkpoint holds: file name, SHA-256, shape, source
+    ("teacher", "tuned" or "teacher_cache")."""
+    if vectors.dim() != 2 or vectors.shape[0] != len(class_names):
+        raise ValueError(f"class vectors of shape {tuple(vectors.shape)} for {len(class_names)} class names")
+    digest = tensor_sha256(vectors)
+    name = f"class_vectors-{digest[:16]}.safetensors"
+    final = Path(folder) / name
+    if not final.is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        header = {"sha256": digest, "source": source, "class_names": list(class_names),
+                  "templates": None if templates is None else list(templates)}
+        tmp = final.parent / f".{name}.tmp-{os.getpid()}"
+        save_file({"class_vectors": vectors.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
+                  metadata={"format": CLASS_VECTORS_FORMAT, "header": json.dumps(header, ensure_ascii=False)})
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    return {"file": name, "sha256": digest, "shape": [int(n) for n in vectors.shape], "source": source}
+
+
+def load_class_vectors(checkpoint: str | Path, record: dict) -> tuple[torch.Tensor, dict]:
+    """The class vectors a checkpoint's ``record`` names (``record["file"]`` is relative to the
+    checkpoint's folder), checked against the recorded SHA-256; and their header (class names,
+    templates, source)."""
+    path = Path(checkpoint).parent / record["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint}: the class vectors it was trained against, {path}, are missing")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        vectors = load_file(str(path))["class_vectors"]
+        header = json.loads(metadata["header"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable class vectors ({exc})") from exc
+    if metadata.get("format") != CLASS_VECTORS_FORMAT or tensor_sha256(vectors) != record["sha256"]:
+        raise CheckpointError(f"{path}: not the class vectors {checkpoint} was trained against "
+                              f"(SHA-256 differs from the recorded {record['sha256'][:16]}...)")
+    return vectors, header

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipdistill.engine.config.run import RunConfig, config_differences, dump_run_config
+from clipdistill.engine.config.run import RunConfig, config_differences, dump_run_config, with_absent_keys
 from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.evaluation.evaluate import heldout_agreement_kl, is_better
+from clipdistill.engine.prompts.learners import GaussianPromptAggregator
 from clipdistill.engine.parallel.launch import all_reduce_sum, rank_and_world, row_share, sum_gradients
 from clipdistill.engine.training.builder import Run, build_run
 from clipdistill.engine.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                                    save_state, set_rng_state)
+                                                    save_class_vectors, save_state, set_rng_state)
 from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.engine.training.teacher_cache import TeacherCacheError
 
@@ -55,6 +56,7 @@ class Trainer:
         self.run = run
         self.cfg = run.config
         self.log = log
+        self._gpa_last: Optional[dict] = None
         self.out_dir = Path(self.cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         params = list(run.step.trainable_parameters().values())
@@ -67,6 +69,8 @@ class Trainer:
         micro_per_epoch = len(run.loader)
         self.total_steps = (self.cfg.train.max_steps if self.cfg.train.max_steps is not None
                             else (self.cfg.train.epochs * micro_per_epoch) // o.grad_accum)
+        # Warm-up in epochs (the papers' unit) counts the optimizer steps of that many epochs.
+        warmup_steps = o.warmup_steps or (o.warmup_epochs * micro_per_epoch) // o.grad_accum
         if self.total_steps < 1:
             raise ConfigError(f"the run has no optimizer step: {micro_per_epoch} batches per epoch, "
                               f"grad_accum {o.grad_accum}, epochs {self.cfg.train.epochs}")
@@ -74,7 +78,7 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         self.is_main = self.rank == 0
         self.core = OptimizerCore(
-            self.optimizer, params, base_lr=o.lr, total_steps=self.total_steps, warmup_steps=o.warmup_steps,
+            self.optimizer, params, base_lr=o.lr, total_steps=self.total_steps, warmup_steps=warmup_steps,
             warmup_lr=o.warmup_lr, schedule=o.schedule, grad_accum=o.grad_accum, clip_grad_norm=o.clip_grad_norm,
             # Several ranks: each rank's loss was scaled by its share of the global batch's real rows, so
             # the summed gradients are the single-process ones.
@@ -83,6 +87,14 @@ class Trainer:
         self.images_seen = 0
         self.best: Optional[dict] = None  # {"step", metric: value} of the best held-out evaluation
         self.step_fn = torch.compile(run.step) if self.cfg.train.compile else run.step
+        self.class_vectors_record: Optional[dict] = None  # written with the first checkpoint
+        # PromptSRC's Gaussian prompt aggregation over the run's epochs; the aggregate is the result.
+        self.gpa: Optional[GaussianPromptAggregator] = None
+        self.gpa_epoch: Optional[int] = None  # the (0-based) epoch whose batches are being trained on
+        if self.cfg.learner.kind == "promptsrc" and self.cfg.learner.gpa:
+            epochs = max(1, math.ceil(self.total_steps * o.grad_accum / micro_per_epoch))
+            self.gpa = GaussianPromptAggregator.over_run(epochs, self.cfg.learner.gpa_mean, self.cfg.learner.gpa_std)
+            self.gpa_epochs = epochs
 
     @property
     def global_step(self) -> int:
@@ -96,7 +108,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
-        return {
+        state = {
             "step": self.global_step,
             "images_seen": self.images_seen,
             "learner": self.run.step.state_to_save(),
@@ -105,14 +117,51 @@ class Trainer:
             "loader": self.run.loader.state_dict(),
             "config": dump_run_config(self.cfg),
             "best": self.best,
+            "class_vectors": self.class_vectors_record,
         }
+        if self.gpa is not None:
+            state["gpa"] = {"epochs": self.gpa_epochs, "epoch": self.gpa_epoch, "sum": self.gpa.state_dict(),
+                            "learner_last": self._gpa_last}
+        return state
+
+    def _store_class_vectors(self) -> None:
+        """The teacher's class vectors the run trains against, stored once beside the checkpoints."""
+        if self.class_vectors_record is None:
+            run = self.run
+            self.class_vectors_record = save_class_vectors(
+                self.ckpt_dir, run.step.teacher_class_vectors, class_names=run.class_names,
+                source=run.class_vectors_source, templates=run.templates)
 
     def save(self) -> Path:
         if self.world > 1:
             self.run.loader.sync_rejects()  # a collective: the checkpoint carries every rank's rejects
             if not self.is_main:
                 return self.ckpt_dir / f"step-{self.global_step:09d}.safetensors"
+        self._store_class_vectors()
         return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last)
+
+    # -- PromptSRC's Gaussian prompt aggregation ------------------------------------------------
+    def _gpa_batch(self, epoch: int) -> None:
+        """Before training on a batch of ``epoch`` (0-based): an epoch that ended goes into the aggregate."""
+        if self.gpa is not None and self.gpa_epoch != epoch:
+            if self.gpa_epoch is not None:
+                self._gpa_add(self.gpa_epoch)
+            self.gpa_epoch = epoch
+
+    def _gpa_add(self, epoch: int) -> None:
+        index = min(epoch + 1, self.gpa_epochs)  # 1-based; a run cut by max_steps ends within its last epoch
+        self.gpa.add(self.run.step.state_to_save(), index)
+
+    def _gpa_finish(self) -> None:
+        """The run's last epoch goes in, and the learner becomes the aggregate (the run's result)."""
+        if self.gpa is None or self.gpa_epoch is None:
+            return
+        self._gpa_add(self.gpa_epoch)
+        self.gpa_epoch = None
+        self._gpa_last = self.run.step.state_to_save()  # what a resume continues training from
+        self.run.step.load_saved_state(self.gpa.result())
+        self.log(f"clipdistill: PromptSRC prompts aggregated over {self.gpa_epochs} epoch(s) (Gaussian, mean "
+                 f"{self.cfg.learner.gpa_mean * self.gpa_epochs:.3g}, std {self.cfg.learner.gpa_std * self.gpa_epochs:.3g})")
 
     def _cached_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's teacher features from the cache, and its mask less rows the cache rejected.
@@ -156,9 +205,12 @@ class Trainer:
         if is_better(metric, result[metric], None if self.best is None else self.best[metric]):
             self.best = {"step": self.global_step, "agreement": result["agreement"], "kl": result["kl"]}
             if self.is_main:
+                self._store_class_vectors()
+                record = dict(self.class_vectors_record, file=f"{self.ckpt_dir.name}/{self.class_vectors_record['file']}")
                 save_state(self.out_dir / "best.safetensors", {"step": self.global_step, "best": self.best,
                                                                "learner": run.step.state_to_save(),
-                                                               "config": dump_run_config(self.cfg)})
+                                                               "config": dump_run_config(self.cfg),
+                                                               "class_vectors": record})
                 self.log(f"clipdistill: step {self.global_step}: best held-out {metric} so far "
                          f"({result[metric]:.4g}); saved {self.out_dir / 'best.safetensors'}")
         return out
@@ -169,7 +221,7 @@ class Trainer:
             self.log(f"clipdistill: --resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
             return False
         state = load_checkpoint(path)
-        saved, now = state["config"], dump_run_config(self.cfg)
+        saved, now = with_absent_keys(state["config"]), dump_run_config(self.cfg)
         ignorable = ("train.resume", "train.max_steps", "train.epochs", "train.progress", "train.log_every",
                      "train.checkpoint_every", "train.keep_last", "train.tensorboard",
                      "train.deepspeed")  # how the teacher is sharded does not change the run
@@ -177,7 +229,16 @@ class Trainer:
         if different:
             raise ConfigError(f"--resume: the checkpoint {path} was made with a different config: "
                               f"{', '.join(different)} differ")
-        self.run.step.load_saved_state(state["learner"])
+        gpa = state.get("gpa")
+        self.run.step.load_saved_state(gpa["learner_last"] if gpa and gpa.get("learner_last") else state["learner"])
+        if self.gpa is not None and gpa is not None:
+            if int(gpa["epochs"]) != self.gpa_epochs:
+                raise ConfigError(f"--resume: the checkpoint {path} aggregates PromptSRC's prompts over "
+                                  f"{gpa['epochs']} epochs, this run has {self.gpa_epochs}: the Gaussian's weights "
+                                  f"would differ (keep the run's length, or set learner.gpa=false)")
+            self.gpa.load_state_dict(gpa["sum"])
+            self.gpa_epoch = gpa["epoch"]
+        self.class_vectors_record = state.get("class_vectors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.run.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -275,6 +336,7 @@ class Trainer:
         summary: dict = {}
         while self.global_step < self.total_steps:
             for batch in run.loader:
+                self._gpa_batch(int(batch.epoch))
                 parts, real_rows = self._forward(batch)
                 lr_used = self.core.lr
                 interval.add(parts, real_rows)
@@ -284,6 +346,8 @@ class Trainer:
                 interval.check_finite(parts["loss"], self.global_step - 1)
                 done = self.global_step >= self.total_steps
                 checkpoint = self.global_step % cfg.train.checkpoint_every == 0 or done
+                if done:
+                    self._gpa_finish()
                 if self.global_step % cfg.train.log_every == 0 or checkpoint:
                     summary = self._close_interval(interval, lr_used, last_good_ckpt)
                     self._write_metrics(summary, tb, progress)

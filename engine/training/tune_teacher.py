@@ -391,6 +391,8 @@ def tune_teacher(
     class_names: Union[str, Path, Sequence[str], None] = None,
     templates: Union[str, Sequence[str]] = "imagenet",
     learner_options: Optional[Mapping[str, Any]] = None,
+    frozen_templates: Union[str, Sequence[str], None] = "imagenet_60",
+    prompt_placement: str = "before_ln_pre",
     settings: TuneSettings = TuneSettings(),
     device: Union[str, torch.device] = "auto",
     precision: Optional[str] = None,
@@ -404,8 +406,13 @@ def tune_teacher(
         data: a labeled folder (one subfolder of images per class).
         out: the ``.safetensors`` file to write (read it back with :func:`load_tuned_teacher`).
         class_names: a class-name file, a list, or None (the folder names); see :func:`draw_shots`.
-        templates: a shipped template set name, a file, or a list of templates; PromptSRC
-            regularizes its class features towards the frozen model's features of these.
+        templates: a shipped template set name, a file, or a list of templates: the zero-shot
+            templates recorded with the teacher (and of the before/after check).
+        frozen_templates: the templates of PromptSRC's frozen text target (its class features
+            are regularized towards the frozen model's features averaged over them); the
+            published 60-template set by default; None: ``templates``.
+        prompt_placement: where the vision prompts join the image tokens ("before_ln_pre",
+            the published placement, or "after_ln_pre").
         learner_options: PromptSRC's options (``n_text_ctx``, ``text_depth``, ``n_vision_ctx``,
             ``vision_depth``, ``init_words``).
         settings: shots, seed and optimization (:class:`TuneSettings`).
@@ -423,6 +430,8 @@ def tune_teacher(
     if Path(out).suffix != ".safetensors":
         raise TuneTeacherInputError(f"--out {str(out)!r}: the tuned teacher is a .safetensors file; name it so")
     template_list = read_templates(templates) if isinstance(templates, (str, Path)) else list(templates)
+    frozen_list = (template_list if frozen_templates is None else read_templates(frozen_templates)
+                   if isinstance(frozen_templates, (str, Path)) else list(frozen_templates))
     shots = draw_shots(data, class_names, settings.shots, settings.seed, settings.on_short_class)
     if shots.short:
         what = {"use-all": "training on all their images", "skip": "leaving them out"}[settings.on_short_class]
@@ -435,9 +444,9 @@ def tune_teacher(
     # A random-init teacher (weights None, tests and demos) is rebuilt at load time from this seed.
     torch.manual_seed(settings.seed)
     clip = load_clip(teacher, weights_path, device=device, precision=precision)
-    options = _learner_options(clip, learner_options, template_list)
+    options = _learner_options(clip, learner_options, frozen_list)
     learner = build_learner(LEARNER_KIND, clip, tokenizer=get_tokenizer(teacher), class_names=shots.class_names,
-                            **options).to(device)
+                            prompt_placement=prompt_placement, **options).to(device)
     params = list(learner.trainable_parameters().values())
     if not params:
         raise TuneTeacherInputError("the PromptSRC learner has nothing to train (prompt lengths or depths are 0)")
@@ -459,6 +468,8 @@ def tune_teacher(
 
     header = _header(teacher, weights, weights_path, data, shots, template_list, options, settings, loss_weights,
                      gpa_mean=gpa_mean, precision=precision, losses=losses)
+    header["learner"]["prompt_placement"] = prompt_placement
+    header["frozen_templates"] = frozen_list
     path = save_tuned_teacher(out, learner.state_to_save(), header)
     log(f"tune-teacher: saved {path}")
 

@@ -90,13 +90,23 @@ def test_checkpoint_reads_and_resumes_with_the_saved_config_layout(legacy):
     assert distilled.learner_kind == "coop" and set(distilled.learner_state) == {"prompts.ctx"}
     saved = json.loads((legacy / "runs/kdpl/config.json").read_text())
     cfg = load_run_config("kdpl.yaml", ["train.max_steps=3", "train.resume=true"])
-    # Resume compares the saved config with today's key by key: the layout must not have changed.
-    from clipdistill.engine.config.run import config_differences, dump_run_config
+    # Resume compares the saved config with today's key by key: the saved keys' layout must not have
+    # changed; keys added since read as the behaviour of the code that wrote the checkpoint.
+    from clipdistill.engine.config.run import config_differences, dump_run_config, resume_config, with_absent_keys
 
-    assert config_differences(saved, dump_run_config(cfg)) == ["train.max_steps", "train.resume"]
+    filled = with_absent_keys(saved)
+    assert config_differences(filled, dump_run_config(cfg)) == [
+        "learner.frozen_templates", "learner.gpa", "learner.prompt_placement", "optim.warmup_epochs",
+        "train.max_steps", "train.resume"]
+    assert (filled["learner"]["prompt_placement"], filled["optim"]["warmup_epochs"]) == ("after_ln_pre", 0)
+    # Changed defaults the user did not set are taken from the checkpoint; what the user set stays.
+    resumed, taken = resume_config(cfg, saved)
+    assert taken == ["learner.frozen_templates", "learner.gpa", "learner.prompt_placement", "optim.warmup_epochs"]
+    assert config_differences(filled, dump_run_config(resumed)) == ["train.max_steps", "train.resume"]
     logs: list[str] = []
     summary = Trainer(build_run(cfg, log=logs.append), log=logs.append).fit()
     assert any("resumed from" in m and "step 2" in m for m in logs), logs
+    assert any("taken from step-000000002" in m and "optim.warmup_epochs=0" in m for m in logs), logs
     assert summary["step"] == 3 and np.isfinite(summary["loss/kd"])
 
 
