@@ -4,8 +4,8 @@ The single hand-written template per dataset is the one CoOp, CoCoOp, MaPLe, Pro
 KDPL and PromptKD use for zero-shot CLIP and for text initialization. ``"imagenet_80"`` is
 CLIP's 80-template ImageNet ensemble, taken from open_clip rather than copied.
 ``"imagenet_60"`` is the 60-template set PromptSRC's published code averages for the frozen
-text target of its self-regularization: "a photo of a {}." followed by the first 59 of CLIP's
-80, in CLIP's order.
+text target of its self-regularization: "a photo of a {}." moved to the front of the first 60
+of CLIP's 80, the others in CLIP's order.
 Every template has exactly one ``{}`` where the class name goes.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _imagenet_80() -> tuple[str, ...]:
 
 
 def _imagenet_60() -> tuple[str, ...]:
-    return ("a photo of a {}.",) + _imagenet_80()[:59]
+    first = "a photo of a {}."
+    return (first,) + tuple(t for t in _imagenet_80()[:60] if t != first)
 
 
 ENSEMBLES = {"imagenet_80": _imagenet_80, "imagenet_60": _imagenet_60}

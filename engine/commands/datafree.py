@@ -38,7 +38,6 @@ from clipdistill.engine.models.clip import get_tokenizer
 from clipdistill.engine.templates import templates_for
 
 
-
 def _add_teacher_arguments(parser: argparse.ArgumentParser, default: Optional[str]) -> None:
     parser.add_argument("--teacher", default=default,
                         help="teacher open_clip model name" + ("" if default else " (default: the one the set was made with)"))

@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally, base_novel_split
-from clipdistill.engine.evaluation.export import (StudentClassifier, build_backbone, fresh_samples, read_distilled,
-                                                  rebuild_learner, student_class_vectors, teacher_class_vectors_for,
-                                                  versions)
+from clipdistill.engine.evaluation.export import (ExportError, StudentClassifier, build_backbone,
+                                                  distilled_teacher_vectors, fresh_samples,
+                                                  load_distilled_from_teacher, read_distilled, rebuild_learner,
+                                                  student_class_vectors, teacher_class_vectors_for, versions)
 from clipdistill.engine.io import image_spec, read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer
@@ -416,8 +417,8 @@ def distilled_classifier(distilled, clip, class_names: Sequence[str], templates:
                   and distilled.class_names == names and distilled.templates == templates)
         if stored:
             vectors = distilled.class_vectors
-        elif teacher is not None:
-            vectors = teacher_class_vectors_for(distilled.teacher, names, templates, model=teacher,
+        elif teacher is not None or distilled.teacher_vector_names == names:
+            vectors = distilled_teacher_vectors(distilled, names, templates, model=teacher,
                                                 device=clip.logit_scale.device, cache_dir=cache_dir)
         else:
             raise EvalInputError(
@@ -514,6 +515,8 @@ def _models_to_load(spec, teacher: Optional[dict], student: Optional[dict], *, u
         teacher.setdefault("name", spec.teacher.get("name"))
         if teacher.get("name") == spec.teacher.get("name") and teacher.get("weights") is None:
             teacher["weights"] = spec.teacher.get("weights")
+            # the teacher row is the teacher that was distilled from: the tuned one, when it was
+            teacher["prompts"] = spec.teacher.get("prompts")
         if spec.learner_kind == "promptkd" and use_teacher and teacher["name"] != spec.teacher.get("name"):
             raise EvalInputError(
                 f"the PromptKD student {spec.path} was distilled from teacher {spec.teacher.get('name')!r} and scores "
@@ -553,8 +556,12 @@ class _LoadedModels:
         """The teacher's, the zero-shot student's and the distilled student's classifiers for these names."""
         out = []
         if self.teacher_model is not None:
-            vectors = teacher_class_vectors_for(self.teacher, names, templates, model=self.teacher_model,
-                                                device=self.device, cache_dir=self.class_vector_cache)
+            if self.spec is not None and self.teacher.get("prompts") == self.spec.teacher.get("prompts"):
+                vectors = distilled_teacher_vectors(self.spec, names, templates, model=self.teacher_model,
+                                                    device=self.device, cache_dir=self.class_vector_cache)
+            else:
+                vectors = teacher_class_vectors_for(self.teacher, names, templates, model=self.teacher_model,
+                                                    device=self.device, cache_dir=self.class_vector_cache)
             out.append(teacher_classifier(self.teacher_model, vectors, logit_scale=self.teacher_scale,
                                           input=self.teacher_input))
         if self.clip is not None:
@@ -577,7 +584,14 @@ def _load_models(spec, teacher: Optional[dict], student: dict, *, device: torch.
     def output_for(clip_model, preferred: str) -> str:
         return outputs.setdefault(image_spec(clip_model), preferred)
 
-    if teacher is not None:
+    if teacher is not None and teacher.get("prompts"):
+        try:
+            models.teacher_model = load_distilled_from_teacher(spec, device=device)
+        except ExportError as exc:
+            raise EvalInputError(f"{exc}; or evaluate without the teacher row") from exc
+        models.teacher_input = output_for(models.teacher_model.model, "teacher")
+        log(f"clipdistill eval: teacher {teacher['name']} tuned ({teacher['prompts']})")
+    elif teacher is not None:
         models.teacher_model = build_teacher(teacher["name"], teacher.get("weights"), device=device)
         models.teacher_input = output_for(models.teacher_model.model, "teacher")
         log(f"clipdistill eval: teacher {teacher['name']} ({teacher.get('weights')})")
@@ -620,6 +634,7 @@ def _report_header(models: _LoadedModels, settings: LoaderSettings, base_to_nove
     }
     if models.teacher_model is not None:
         report["models"]["teacher"] = {"name": models.teacher["name"], "weights": models.teacher.get("weights"),
+                                       "prompts": models.teacher.get("prompts"),
                                        "logit_scale": float(models.teacher_scale or models.teacher_model.logit_scale)}
     if models.clip is not None:
         report["models"]["student_zero_shot"] = {"name": models.student["name"],

@@ -52,8 +52,9 @@ from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.io import image_spec, read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer, import_open_clip
+from clipdistill.engine.models.tuned import TunedTeacher, load_tuned_teacher, tuned_teacher_class_vectors
 from clipdistill.engine.prompts.registry import build_learner as build_prompt_learner
-from clipdistill.engine.training.checkpoint import load_checkpoint
+from clipdistill.engine.training.checkpoint import CheckpointError, load_checkpoint, load_class_vectors, tensor_sha256
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import IMAGE_EXTENSIONS, EmptySourceError, SampleList, resolve_source, scan_folder
 from clipdistill.loaders.views import CenterCrop
@@ -63,6 +64,8 @@ CHECKPOINT_FORMAT = "clipdistill-checkpoint/1"  # clipdistill.engine.checkpoint.
 LEARNER_PREFIX = "learner."
 BACKBONE_PREFIX = "backbone."
 CLASS_VECTORS = "class_vectors"
+# Vision prompts of artifacts written before the placement was recorded went in after ln_pre.
+LEGACY_PROMPT_PLACEMENT = "after_ln_pre"
 
 
 class ExportError(ValueError):
@@ -132,7 +135,10 @@ class DistilledStudent:
 
     ``learner_state`` is the learner's :meth:`state_to_save`; ``class_vectors`` (C, D) and
     ``backbone_state`` exist only in export files; ``class_names`` (``templates``) is None for a
-    checkpoint whose class-name (template) file can no longer be read.
+    checkpoint whose class-name (template) file can no longer be read. ``teacher_vectors`` (C, D_t):
+    the teacher's class vectors the run trained against, for ``teacher_vector_names``, stored with
+    a checkpoint (None for checkpoints written before they were stored). ``teacher["prompts"]``:
+    the tuned teacher's file when the run distilled from one.
     """
 
     path: str
@@ -150,6 +156,10 @@ class DistilledStudent:
     backbone_state: Optional[dict[str, torch.Tensor]] = None
     header: dict = field(default_factory=dict)
     step: Optional[int] = None
+    prompt_placement: str = LEGACY_PROMPT_PLACEMENT
+    teacher_vectors: Optional[torch.Tensor] = None
+    teacher_vector_names: Optional[list[str]] = None
+    teacher_vectors_source: Optional[str] = None  # "teacher", "tuned" or "teacher_cache"
 
     @property
     def student_name(self) -> str:
@@ -186,15 +196,27 @@ def _read_checkpoint(path: Path) -> DistilledStudent:
         templates = read_templates(data.get("templates") or "imagenet")
     except ConfigError:  # a template file that is gone: the caller must name the templates
         templates = None
+    vectors, vector_header = None, {}
+    if state.get("class_vectors"):
+        try:
+            vectors, vector_header = load_class_vectors(path, state["class_vectors"])
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from exc
+        if class_names is None and not data.get("shots") and not data.get("base_classes_only"):
+            class_names = list(vector_header["class_names"])  # the names file is gone; the run's names are here
     student = dict(config["student"])
     return DistilledStudent(
         path=str(path), source="checkpoint", method=config["method"],
         student={"name": student["name"], "weights": student.get("weights"), "precision": student.get("precision")},
-        teacher={"name": config["teacher"]["name"], "weights": config["teacher"].get("weights")},
+        teacher={"name": config["teacher"]["name"], "weights": config["teacher"].get("weights"),
+                 "prompts": config["teacher"].get("prompts")},
         learner_kind=config["learner"]["kind"], learner_options=dict(config["learner"].get("options") or {}),
         learner_state={k: v for k, v in state["learner"].items()}, class_names=class_names,
         templates=templates, header={"config": config},
         step=int(state.get("step", 0)),
+        prompt_placement=config["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT),
+        teacher_vectors=vectors, teacher_vector_names=vector_header.get("class_names"),
+        teacher_vectors_source=vector_header.get("source"),
     )
 
 
@@ -216,6 +238,7 @@ def _read_export(path: Path, metadata: dict) -> DistilledStudent:
         class_names=list(header["class_names"]), templates=list(header["templates"]),
         class_vectors=tensors.get(CLASS_VECTORS), class_vectors_space=header.get("class_vectors"),
         backbone_state=backbone or None, header=header, step=header.get("source", {}).get("step"),
+        prompt_placement=header["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT),
     )
 
 
@@ -316,11 +339,14 @@ def _is_class_specific(distilled: DistilledStudent) -> bool:
 
 
 def construct_learner(kind: str, clip: nn.Module, *, tokenizer, class_names: Sequence[str],
-                      templates: Sequence[str], teacher_dim: Optional[int], options: dict):
+                      templates: Sequence[str], teacher_dim: Optional[int], options: dict,
+                      prompt_placement: Optional[str] = None):
     """A fresh learner ``kind`` over ``clip``, as the training run builds it (fixed-prompt learners,
-    VPT and PromptSRC, get the templates; PromptKD gets the teacher's dimension)."""
+    VPT and PromptSRC, get the templates; PromptKD gets the teacher's dimension; vision prompts go
+    where ``prompt_placement`` says, None: the published placement)."""
     return build_prompt_learner(kind, clip, tokenizer=tokenizer, class_names=list(class_names),
-                                teacher_dim=teacher_dim, templates=templates, **options)
+                                teacher_dim=teacher_dim, templates=templates, prompt_placement=prompt_placement,
+                                **options)
 
 
 def rebuild_learner(
@@ -353,6 +379,7 @@ def rebuild_learner(
     learner = construct_learner(
         distilled.learner_kind, clip, tokenizer=get_tokenizer(distilled.student_name), class_names=class_names,
         templates=_templates(distilled, templates), teacher_dim=teacher_dim, options=options,
+        prompt_placement=distilled.prompt_placement,
     ).to(device)
     expected = _shapes(learner.state_to_save())
     differences = shape_differences(_shapes(distilled.learner_state), expected)
@@ -424,6 +451,7 @@ def export_student(
     teacher_class_vectors: Optional[torch.Tensor] = None,
     include_backbone: bool = False,
     source: Optional[dict] = None,
+    prompt_placement: Optional[str] = None,
 ) -> Path:
     """Write a distilled ``learner`` (over its frozen ``learner.clip``) as one export file.
 
@@ -434,6 +462,8 @@ def export_student(
         include_backbone: store the student CLIP's weights in the file too (required when
             ``student["weights"]`` is None: a random init cannot be rebuilt elsewhere).
         source: where it came from (checkpoint path, step), recorded in the header.
+        prompt_placement: where the learner's vision prompts join the image tokens (recorded;
+            None: the learner's own, the published placement).
 
     Returns:
         the path written (atomically: a temporary file renamed into place).
@@ -469,11 +499,13 @@ def export_student(
         "method": method,
         "student": {"name": student["name"], **_weights_record(weights), "precision": student.get("precision"),
                     "embed_dim": int(clip.visual.output_dim)},
-        "teacher": {"name": teacher.get("name"), "weights": teacher.get("weights")},
-        "learner": {"kind": learner_kind, "options": learner_options},
+        "teacher": {"name": teacher.get("name"), "weights": teacher.get("weights"), "prompts": teacher.get("prompts")},
+        "learner": {"kind": learner_kind, "options": learner_options,
+                    "prompt_placement": prompt_placement or _placement_of(learner)},
         "class_names": class_names,
         "templates": templates,
         "class_vectors": space,
+        "class_vectors_sha256": None if vectors is None else tensor_sha256(vectors),
         "backbone": "embedded" if include_backbone else "reference",
         "backbone_shapes": _shapes(backbone_state),
         "image": {"size": size, "mean": list(mean), "std": list(std)},
@@ -512,7 +544,7 @@ def export_from_checkpoint(
     clip = build_backbone(distilled, device=device)
     teacher_vectors = None
     if distilled.method == "promptkd" or distilled.learner_kind == "promptkd":
-        teacher_vectors = teacher_class_vectors_for(distilled.teacher, names, templates, device=device,
+        teacher_vectors = distilled_teacher_vectors(distilled, names, templates, device=device,
                                                     cache_dir=class_vector_cache)
     learner = rebuild_learner(distilled, clip, class_names=names, templates=templates,
                             teacher_dim=None if teacher_vectors is None else int(teacher_vectors.shape[1]))
@@ -521,19 +553,62 @@ def export_from_checkpoint(
         learner_kind=distilled.learner_kind, learner_options=distilled.learner_options, class_names=names,
         templates=templates, teacher_class_vectors=teacher_vectors, include_backbone=include_backbone,
         source={"checkpoint": os.path.abspath(str(checkpoint)), "step": distilled.step},
+        prompt_placement=distilled.prompt_placement,
     )
+
+
+def _placement_of(learner: nn.Module) -> Optional[str]:
+    before = getattr(learner, "before_ln_pre", None)
+    return None if before is None else ("before_ln_pre" if before else "after_ln_pre")
 
 
 def teacher_class_vectors_for(
     teacher: dict, class_names: Sequence[str], templates: Sequence[str], *, device="cpu",
     cache_dir: Optional[str] = None, model=None,
 ) -> torch.Tensor:
-    """The teacher's class vectors (C, D_t); ``model`` reuses an already built Teacher."""
+    """The teacher's class vectors (C, D_t); ``model`` reuses an already built Teacher (or TunedTeacher)."""
+    if isinstance(model, TunedTeacher):
+        return tuned_teacher_class_vectors(model, list(class_names))
     if model is None:
         model = build_teacher(teacher["name"], teacher.get("weights"), device=device)
     return teacher_class_vectors(model, get_tokenizer(teacher["name"]), list(class_names), list(templates),
                                  model_name=teacher["name"], weights=teacher.get("weights"), cache_dir=cache_dir,
                                  device=device)
+
+
+def load_distilled_from_teacher(distilled: DistilledStudent, *, device="cpu") -> TunedTeacher:
+    """The tuned teacher a run distilled from (``teacher.prompts``), refused by name when it is gone."""
+    prompts = distilled.teacher.get("prompts")
+    if not prompts or not os.path.isfile(prompts):
+        raise ExportError(
+            f"{distilled.path} was distilled from the tuned teacher teacher.prompts={prompts!r}, which cannot be "
+            f"read: its class vectors (the ones the student learned) need it. Restore that file, or export for "
+            f"the run's own class names, whose vectors are stored with checkpoints written since they were")
+    return load_tuned_teacher(prompts, device=device)
+
+
+def distilled_teacher_vectors(
+    distilled: DistilledStudent, class_names: Sequence[str], templates: Sequence[str], *, device="cpu",
+    cache_dir: Optional[str] = None, model=None,
+) -> torch.Tensor:
+    """The class vectors (C, D_t) of the teacher ``distilled`` was trained against, for these names.
+
+    The vectors stored with the run when they are for these names (and, for a plain teacher,
+    these templates); else those of the tuned teacher it distilled from (``teacher.prompts``,
+    refused naming it when the file is gone); else the plain teacher's. ``model``: that teacher,
+    already loaded.
+    """
+    names = list(class_names)
+    stored = distilled.teacher_vectors
+    if stored is not None and distilled.teacher_vector_names == names and (
+            distilled.teacher_vectors_source == "tuned" or list(templates) == list(distilled.templates or [])):
+        return stored.to(device)
+    if distilled.teacher.get("prompts"):
+        if not isinstance(model, TunedTeacher):
+            model = load_distilled_from_teacher(distilled, device=device)
+        return tuned_teacher_class_vectors(model, names)
+    return teacher_class_vectors_for(distilled.teacher, names, templates, device=device, cache_dir=cache_dir,
+                                     model=model)
 
 
 # ------------------------------------------------------------------------------ loading an export

@@ -35,8 +35,8 @@ from tqdm import tqdm
 from clipdistill.engine.config.run import RunConfig, config_differences, dump_run_config, with_absent_keys
 from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.evaluation.evaluate import heldout_agreement_kl, is_better
-from clipdistill.engine.prompts.learners import GaussianPromptAggregator
 from clipdistill.engine.parallel.launch import all_reduce_sum, rank_and_world, row_share, sum_gradients
+from clipdistill.engine.prompts.learners import GaussianPromptAggregator
 from clipdistill.engine.training.builder import Run, build_run
 from clipdistill.engine.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                                     save_class_vectors, save_state, set_rng_state)

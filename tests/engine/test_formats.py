@@ -155,3 +155,20 @@ def test_class_vector_cache_loads_under_todays_key(legacy):
     vectors = load_class_vectors(stem, stored)
     assert vectors.shape == (3, 48)
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_promptkd_checkpoint_without_stored_vectors_uses_its_tuned_teacher_or_names_it(legacy, tmp_path):
+    from safetensors.torch import load_file
+
+    from clipdistill.engine.evaluation.export import ExportError, export_from_checkpoint
+
+    checkpoint = legacy / "runs/promptkd/checkpoints/step-000000002.safetensors"
+    distilled = read_distilled(checkpoint)
+    assert distilled.teacher_vectors is None and distilled.teacher["prompts"] == "tuned.safetensors"
+    out = export_from_checkpoint(checkpoint, tmp_path / "student.safetensors")
+    # Rebuilt from its saved teacher.prompts: the tuned teacher's vectors, which the student trained against.
+    expected = torch.from_numpy(np.load("tuned_class_vectors.npy"))
+    torch.testing.assert_close(load_file(str(out))["class_vectors"], expected, atol=1e-6, rtol=1e-5)
+    Path("tuned.safetensors").unlink()
+    with pytest.raises(ExportError, match="teacher.prompts='tuned.safetensors'"):
+        export_from_checkpoint(checkpoint, tmp_path / "again.safetensors")
