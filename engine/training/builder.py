@@ -8,7 +8,6 @@ training run's by construction.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +18,7 @@ from torch import nn
 
 from clipdistill.engine.config.run import RunConfig, dump_run_config, resume_config
 from clipdistill.engine.config.schema import ConfigError
+from clipdistill.engine.distill.metrics import base_novel_split
 from clipdistill.engine.distill.step import DistillStep
 from clipdistill.engine.evaluation.evaluate import holdout_split, scan_labeled_folder
 from clipdistill.engine.io import image_spec, read_class_names, read_templates, resolve_device
@@ -198,7 +198,7 @@ def labeled_selection(cfg: RunConfig, log: Callable[[str], None] = print):
         raise ConfigError(f"data.shots / data.base_classes_only need data.train to be a folder with one "
                           f"subfolder of images per class: {exc}") from exc
     if cfg.data.base_classes_only:
-        base = math.ceil(len(names) / 2)
+        base = len(base_novel_split(len(names))[0])  # the split `clipdistill eval --base-to-novel` scores
         keep = np.flatnonzero(labels < base)
         names, samples = names[:base], samples.subset(keep)
     return list(names), samples
