@@ -172,3 +172,16 @@ def test_promptkd_checkpoint_without_stored_vectors_uses_its_tuned_teacher_or_na
     Path("tuned.safetensors").unlink()
     with pytest.raises(ExportError, match="teacher.prompts='tuned.safetensors'"):
         export_from_checkpoint(checkpoint, tmp_path / "again.safetensors")
+
+
+def test_promptkd_checkpoint_resumes_with_its_old_placement_and_warm_up(legacy):
+    cfg = load_run_config("promptkd.yaml", ["train.max_steps=3", "train.resume=true"])
+    assert (cfg.learner.prompt_placement, cfg.optim.warmup_epochs) == ("before_ln_pre", 1)  # today's defaults
+    logs: list[str] = []
+    run = build_run(cfg, log=logs.append)
+    # The checkpoint predates both keys: the run continues as it started (prompts after ln_pre, no warm-up epoch).
+    assert (run.config.learner.prompt_placement, run.config.optim.warmup_epochs) == ("after_ln_pre", 0)
+    assert run.learner.before_ln_pre is False
+    summary = Trainer(run, log=logs.append).fit()
+    assert any("resumed from" in m and "step 2" in m for m in logs), logs
+    assert summary["step"] == 3 and np.isfinite(summary["loss/kd"])

@@ -24,6 +24,7 @@ from clipdistill.engine.models import TINY_TEACHER, get_tokenizer, load_clip
 from clipdistill.engine.prompts import build_learner
 from clipdistill.engine.commands.tune_teacher import register
 from clipdistill.engine.models.tuned import FORMAT, TunedTeacher, load_tuned_teacher, read_tuned_header
+from clipdistill.engine.templates import templates_for
 from clipdistill.engine.training.tune_teacher import (
     TuneSettings,
     TuneTeacherInputError,
@@ -191,7 +192,8 @@ def test_save_load_round_trip_gives_identical_features(tuned, shapes):
     header = read_tuned_header(tuned.path)
     assert header["teacher"] == {"name": TINY_TEACHER, "weights": shapes["weights"], "init_seed": None,
                                  "weights_size": os.path.getsize(shapes["weights"])}
-    assert header["learner"] == {"kind": "promptsrc", "options": {**SMALL_PROMPTS}}
+    assert header["learner"] == {"kind": "promptsrc", "options": {**SMALL_PROMPTS}, "prompt_placement": "before_ln_pre"}
+    assert header["frozen_templates"] == list(templates_for("imagenet_60"))  # PromptSRC's published target
     assert header["class_names"] == sorted(CLASSES) and header["templates"] == ["a photo of a {}."]
     assert header["shots"]["per_class"] == [16] * 6 and {"torch", "open_clip", "clipdistill"} <= set(header["versions"])
 
