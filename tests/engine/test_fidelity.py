@@ -86,6 +86,14 @@ def test_promptkd_tune_distill_export_predict_uses_the_tuned_teachers_class_vect
         header = json.loads(fh.metadata()["header"])
     assert header["class_vectors_sha256"] == record["sha256"] and header["teacher"]["prompts"] == str(tuned_path)
 
+    # eval's teacher row is the tuned teacher that was distilled from, scored with its class vectors
+    from clipdistill.engine.evaluation.evaluate import Dataset, LoaderSettings, run_evaluation
+
+    report = run_evaluation([Dataset(str(world.labeled), str(world.names), "generic")], distilled=str(checkpoint),
+                            settings=LoaderSettings(batch_size=8, workers=0, cache_dir=str(tmp_path / "lists")))
+    assert report["models"]["teacher"]["prompts"] == str(tuned_path)
+    assert report["datasets"][0]["top1"]["teacher"] == pytest.approx(_top1(tuned_path, world, tuned_vectors))
+
     capsys.readouterr()
     assert data.run_cli("predict", world.unlabeled, "--model", out, "--top-k", "2", "--device", "cpu",
                         "--cache-dir", tmp_path / "lists") == 0
@@ -100,6 +108,17 @@ def test_promptkd_tune_distill_export_predict_uses_the_tuned_teachers_class_vect
     assert data.run_cli("export", checkpoint, "--out", tmp_path / "other.safetensors", "--device", "cpu",
                         "--class-names", world.other_names) != 0
     assert "teacher.prompts" in capsys.readouterr().err
+
+
+def _top1(tuned_path: Path, world, vectors: torch.Tensor) -> float:
+    """The tuned teacher's top-1 (percent) on the labeled folder, as eval reads its images."""
+    from clipdistill.engine.evaluation.evaluate import scan_labeled_folder
+
+    teacher = load_tuned_teacher(tuned_path)
+    folder = scan_labeled_folder(world.labeled, world.names)
+    ids, images = data.loader_images(folder.samples, size=teacher.model.visual.image_size[0])
+    predicted = teacher.logits(images, vectors, teacher.logit_scale).argmax(-1)
+    return 100.0 * float((predicted == torch.from_numpy(folder.labels)[ids]).float().mean())
 
 
 def test_promptkd_on_an_untuned_teacher_warns_naming_teacher_prompts(world, tmp_path):
@@ -179,6 +198,16 @@ def test_explicit_settings_win_over_presets_and_warmup_in_one_unit():
     assert (cfg.optim.warmup_steps, cfg.optim.warmup_epochs) == (7, 0)  # explicit steps replace the recipe's epoch
     with pytest.raises(ConfigError, match="warmup_steps=7 and optim.warmup_epochs=2"):
         load_run_config(None, ["optim.warmup_steps=7", "optim.warmup_epochs=2"], recipe="kdpl")
+
+
+def test_one_warm_up_epoch_runs_at_the_constant_rate(world, tmp_path):
+    cfg = load_run_config(_tiny(world, tmp_path / "run", "kdpl", learner={"options": {"n_ctx": 2}},
+                                train={"max_steps": 3, "checkpoint_every": 100}))
+    trainer = Trainer(build_run(cfg, log=lambda m: None), log=lambda m: None)
+    assert trainer.core.warmup_steps == len(trainer.run.loader) == 2  # 7 images, batch 4: one epoch, 2 steps
+    trainer.fit()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:2] == [1e-5, 1e-5] and lrs[2] == pytest.approx(0.002)  # then cosine from the base rate
 
 
 def test_promptkd_kd_weight_table_and_cross_dataset_recipe():
