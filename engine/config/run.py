@@ -158,7 +158,8 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     # Dotted keys the user set (file or overrides), as load_run_config saw them; not part of the config.
-    explicit_keys: ClassVar[frozenset] = frozenset()
+    # None (a config built otherwise): unknown, every key counts as set.
+    explicit_keys: ClassVar[Optional[frozenset]] = None
 
     method: Literal["kdpl", "promptkd"]
     teacher: TeacherConfig
@@ -384,14 +385,18 @@ def resume_config(cfg: RunConfig, saved: dict) -> tuple[RunConfig, list[str]]:
     the checkpoint, so changed recipe defaults (presets, warm-up, placement) never change or block
     a run started before them. Returns the config and the keys taken; keys the user did set and
     that differ are left for the resume check to refuse."""
+    explicit = cfg.explicit_keys
+    if explicit is None:
+        return cfg, []
     saved = with_absent_keys(saved)
     now = dump_run_config(cfg)
-    explicit = cfg.explicit_keys
     missing = object()
     taken = []
     for key in config_differences(saved, now):
         if key == "train.resume" or any(key == e or key.startswith(e + ".") for e in explicit):
             continue
+        if key.startswith("learner.options.") and saved["learner"].get("kind") != now["learner"]["kind"]:
+            continue  # options of another learner: the resume check names learner.kind
         value = _get(saved, key, missing)
         if value is missing:  # an option the saved run did not have
             *parents, leaf = key.split(".")
