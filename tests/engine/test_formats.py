@@ -62,12 +62,12 @@ def legacy(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def _predict(capsys, model: str, images: list[str]) -> list[dict]:
+def _predict(capsys, model: str, images: list[str], *extra: str) -> list[dict]:
     import argparse
 
     parser = argparse.ArgumentParser(prog="clipdistill")
     register_export(parser.add_subparsers())
-    args = parser.parse_args(["predict", *images, "--model", model, "--top-k", "3", "--device", "cpu"])
+    args = parser.parse_args(["predict", *images, "--model", model, "--top-k", "3", "--device", "cpu", *extra])
     capsys.readouterr()
     assert args.func(args) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -182,6 +182,55 @@ def test_promptkd_checkpoint_resumes_with_its_old_placement_and_warm_up(legacy):
     # The checkpoint predates both keys: the run continues as it started (prompts after ln_pre, no warm-up epoch).
     assert (run.config.learner.prompt_placement, run.config.optim.warmup_epochs) == ("after_ln_pre", 0)
     assert run.learner.before_ln_pre is False
+    summary = Trainer(run, log=logs.append).fit()
+    assert any("resumed from" in m and "step 2" in m for m in logs), logs
+    assert summary["step"] == 3 and np.isfinite(summary["loss/kd"])
+
+
+# ------------------------------------------------------------------------------ today's main (cb0f5d1)
+
+MAIN = FIXTURES / "main_cb0f5d1"
+
+
+@pytest.fixture
+def main_cb0f5d1(tmp_path, monkeypatch) -> Path:
+    """tests/fixtures/main_cb0f5d1 (made by make_main_cb0f5d1.py at commit cb0f5d1), weights regenerated."""
+    root = tmp_path / "main"
+    shutil.copytree(MAIN, root)
+    maker = _maker()
+    maker.write_weights(maker.TEACHER, root / "teacher.safetensors", seed=1)
+    maker.write_weights(maker.STUDENT, root / "student.safetensors", seed=2)
+    for line in (LEGACY / "weights.sha256").read_text().splitlines():  # the same seeds, the same files
+        digest, name = line.split()
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_main_vpt_run_resumes_with_its_settings_and_predicts_as_it_did(main_cb0f5d1, capsys, tmp_path):
+    recorded = json.loads((main_cb0f5d1 / "records.json").read_text())["predict_vpt"]
+    images = [str(main_cb0f5d1 / "images" / Path(r["image"]).name) for r in recorded]
+    checkpoint = main_cb0f5d1 / "runs/vpt/checkpoints/step-000000002.safetensors"
+    # Its export, and today's export of its checkpoint, predict what that code predicted (prompts after ln_pre).
+    from clipdistill.engine.evaluation.export import export_from_checkpoint
+
+    export_from_checkpoint(checkpoint, tmp_path / "again.safetensors")
+    for model in ("export_vpt.safetensors", str(tmp_path / "again.safetensors")):
+        # the export names the weights by the absolute path they had when it was made
+        now = _predict(capsys, model, images, "--student-weights", "student.safetensors")
+        for new, old in zip(now, recorded, strict=True):
+            assert [t["class"] for t in new["top"]] == [t["class"] for t in old["top"]]
+            assert [t["score"] for t in new["top"]] == pytest.approx([t["score"] for t in old["top"]], abs=1e-6)
+
+    # Resumed with today's recipe, whose VPT preset and warm-up differ: the run keeps the settings it began with.
+    cfg = load_run_config("vpt.yaml", ["train.max_steps=3", "train.resume=true"])
+    assert (cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs, cfg.optim.warmup_epochs) == (4, 0.0025, 5, 1)
+    logs: list[str] = []
+    run = build_run(cfg, log=logs.append)
+    resumed = run.config
+    assert (resumed.data.batch_size, resumed.optim.lr, resumed.train.epochs, resumed.optim.warmup_epochs,
+            resumed.learner.prompt_placement) == (32, 0.002, 50, 0, "after_ln_pre")
+    assert resumed.learner.options == {"n_tokens": 2, "depth": 2}
     summary = Trainer(run, log=logs.append).fit()
     assert any("resumed from" in m and "step 2" in m for m in logs), logs
     assert summary["step"] == 3 and np.isfinite(summary["loss/kd"])
