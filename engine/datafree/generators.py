@@ -448,12 +448,17 @@ def diffusers_available() -> bool:
         return False
 
 
-def tiny_vqgan(seed: int = 0):
-    """A random-init VQModel from :data:`TINY_VQGAN_CONFIG` (for tests; it draws nothing useful)."""
+def random_vqgan(config: dict, seed: int = 0):
+    """A random-init VQModel from diffusers constructor arguments (tests, benchmarks: it draws nothing useful)."""
     VQModel = _import_diffusers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VQModel(**TINY_VQGAN_CONFIG)
+        return VQModel(**config)
+
+
+def tiny_vqgan(seed: int = 0):
+    """A random-init VQModel from :data:`TINY_VQGAN_CONFIG` (for tests)."""
+    return random_vqgan(TINY_VQGAN_CONFIG, seed)
 
 
 def load_vqgan(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
