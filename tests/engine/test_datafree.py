@@ -483,3 +483,22 @@ def test_commands_register_without_heavy_imports():
     from clipdistill.engine.commands import datafree as cli
 
     assert cli.DIVERSIFIERS == diversify.DIVERSIFIERS and cli.GENERATORS == generators.GENERATORS
+
+
+def test_readme_data_free_commands_parse():
+    # The README's data-free walk-through uses only arguments the commands accept.
+    import shlex
+
+    from clipdistill.engine.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### Data-free distillation", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("clipdistill ")]
+    assert [ln.split()[1] for ln in lines] == ["convert-vqgan", "synthesize", "synthesize", "datafree-report",
+                                               "distill-datafree", "datafree-eval"]
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert callable(args.func)
+        if args.command == "synthesize":
+            assert args.generator == "vqgan" and args.vqgan and args.augment == "vqgan-clip"
