@@ -37,3 +37,17 @@ def test_gpu_defaults_are_the_commands_and_the_vqgan_is_taming_sized(monkeypatch
     vq = generators.VQGANGenerator(model, 224)
     assert (vq.factor, vq.latent_side) == (16, 14)
     assert tuple(model.quantize.embedding.weight.shape) == (1024, 256)
+
+
+def test_the_gpu_suite_runs_it_in_a_phase_with_diffusers_carried(tmp_path):
+    from benchmarks import gpu_suite
+    from benchmarks.gpu_wheels import verify_wheels
+
+    steps = gpu_suite.PHASES["synthesis"]({"data_dir": str(tmp_path)})
+    bench = next(s for s in steps if s.name == "bench-synthesis")
+    assert bench.gpu_args == ["-m", "benchmarks.bench_synthesis"] and "--quick" in bench.cpu_args
+    assert [c["check"] for c in gpu_suite.carry_checks("synthesis")][1] == "carry .whl+.whl-syn"
+    # The pinned set names diffusers; a wheel that is not in it is reported.
+    (tmp_path / "diffusers-0.0.1-py3-none-any.whl").write_bytes(b"not the pinned file")
+    problems = verify_wheels(tmp_path, gpu_suite.WHEELSETS / "synthesis.txt")
+    assert any("diffusers" in p for p in problems)
