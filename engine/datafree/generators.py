@@ -172,6 +172,7 @@ _N_UNIFORMS = 23
 # RGB -> YIQ (NTSC); a hue shift is a rotation of the (I, Q) plane.
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
                            dtype=torch.float64)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 _LUMA = _RGB_TO_YIQ[0]
 _SHARPEN_KERNEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # PIL's SMOOTH
 
@@ -259,12 +260,11 @@ class Cutouts:
         a = self.augment
         jitter = (u[:, _U_JITTER] < a.jitter_p).double()
         phi = jitter * (2 * u[:, _U_HUE].double() - 1) * a.hue * 2 * torch.pi
-        to_yiq = _RGB_TO_YIQ.to(u.device)
         rotation = torch.zeros(u.shape[0], 3, 3, dtype=torch.float64, device=u.device)
         rotation[:, 0, 0] = 1
         rotation[:, 1, 1], rotation[:, 1, 2] = phi.cos(), -phi.sin()
         rotation[:, 2, 1], rotation[:, 2, 2] = phi.sin(), phi.cos()
-        hue = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+        hue = _YIQ_TO_RGB.to(u.device) @ rotation @ _RGB_TO_YIQ.to(u.device)
         factor = 1 + jitter * (2 * u[:, _U_SAT].double() - 1) * a.saturation
         eye = torch.eye(3, dtype=torch.float64, device=u.device)
         gray = torch.ones(3, 1, dtype=torch.float64, device=u.device) @ _LUMA.to(u.device)[None]
@@ -290,7 +290,7 @@ class Cutouts:
         a = self.augment
         if a.sharpness_p > 0 and a.sharpness > 0:
             amount = (u[:, _U_SHARP] < a.sharpness_p).float() * u[:, _U_SHARP_AMOUNT] * a.sharpness
-            kernel = _SHARPEN_KERNEL.to(device).expand(channels, 1, 3, 3)
+            kernel = _SHARPEN_KERNEL.to(device).repeat(channels, 1, 1, 1)
             smooth = F.conv2d(F.pad(views, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
             views = views + amount.view(-1, 1, 1, 1) * (views - smooth)
         if a.jitter_p > 0 and (a.hue > 0 or a.saturation > 0):

@@ -232,6 +232,15 @@ def test_cutout_geometry_against_direct_references():
     gray = torch.full((3,), 0.4)
     torch.testing.assert_close(matrices @ gray, gray.expand(matrices.shape[0], 3), rtol=0, atol=1e-5)
     assert (matrices - torch.eye(3)).abs().amax() > 1e-3
+    # Sharpening keeps a flat image flat and raises a checkerboard's contrast; noise has sigma in [0, noise].
+    sharp = generators.Cutouts(16, n_cutouts=4, cut_min=1.0, augment=dataclasses.replace(off, sharpness_p=1.0))
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(sharp(flat, _gens([0])), flat.expand(4, 3, 16, 16), rtol=0, atol=1e-6)
+    board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]).remainder(2).float().expand(1, 3, 16, 16) * 0.5 + 0.25
+    assert (sharp(board, _gens([0])).std(dim=(1, 2, 3)) > board.std() + 1e-4).all()
+    noisy = generators.Cutouts(16, n_cutouts=8, cut_min=1.0, augment=dataclasses.replace(off, noise=0.1))
+    sigma = (noisy(flat, _gens([0])) - 0.3).std(dim=(1, 2, 3))
+    assert (sigma < 0.1 * 1.1).all() and sigma.max() - sigma.min() > 0.01
 
 
 def test_spherical_distance_matches_the_angle():
