@@ -64,7 +64,8 @@ def register(subparsers) -> None:
                     "VQModel layout, infer the config from their shapes, write config.json + "
                     "diffusion_pytorch_model.safetensors to --out, and check that they load back exactly.",
     )
-    convert.add_argument("checkpoint", help="taming-transformers VQGAN checkpoint (e.g. vqgan_imagenet_f16_1024/last.ckpt)")
+    convert.add_argument("checkpoint",
+                         help="taming-transformers VQGAN checkpoint (e.g. vqgan_imagenet_f16_1024/checkpoints/last.ckpt)")
     convert.add_argument("--out", required=True, help="new folder for the diffusers VQModel")
     convert.set_defaults(func=run_convert_vqgan)
 

@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Union
 
@@ -272,18 +274,29 @@ def convert_vqgan(checkpoint_path: Union[str, Path], out_dir: Union[str, Path]) 
     state = vqgan_state_dict(checkpoint)
     config = infer_config(state, _sample_size(checkpoint))
     converted = taming_to_diffusers(state, len(config["block_out_channels"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_config = {"_class_name": "VQModel", **config}
-    (out_dir / "config.json").write_text(json.dumps(model_config, indent=1) + "\n", encoding="utf-8")
-    save_file(converted, str(out_dir / "diffusion_pytorch_model.safetensors"))
-    model = load_vqgan(out_dir)
-    loaded = model.state_dict()
-    absent = sorted(set(loaded) - set(converted))
-    extra = sorted(set(converted) - set(loaded))
-    different = [k for k in converted if k in loaded and not torch.equal(loaded[k].to(converted[k].dtype), converted[k])]
-    if absent or extra or different:
-        raise RuntimeError(f"conversion check failed: not written {absent[:5]}, not used {extra[:5]}, "
-                           f"changed on load {different[:5]}")
+    # Written beside the target and renamed into place once it loads back exactly: a failed
+    # conversion leaves no folder that --vqgan could pick up.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        model_config = {"_class_name": "VQModel", **config}
+        (work / "config.json").write_text(json.dumps(model_config, indent=1) + "\n", encoding="utf-8")
+        save_file(converted, str(work / "diffusion_pytorch_model.safetensors"))
+        loaded = load_vqgan(work).state_dict()
+        absent = sorted(set(loaded) - set(converted))
+        extra = sorted(set(converted) - set(loaded))
+        different = [k for k in converted
+                     if k in loaded and not torch.equal(loaded[k].to(converted[k].dtype), converted[k])]
+        if absent or extra or different:
+            raise RuntimeError(f"conversion check failed: not written {absent[:5]}, not used {extra[:5]}, "
+                               f"changed on load {different[:5]}")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     dropped = sorted(k for k in raw if k not in state) if isinstance(raw, dict) else []
     return {"out": str(out_dir), "config": config, "tensors": len(converted),
             "dropped": len(dropped), "dropped_prefixes": sorted({k.split(".")[0] for k in dropped})}

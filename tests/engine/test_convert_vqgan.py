@@ -127,6 +127,7 @@ def test_lightning_checkpoint_converts_and_decodes_exactly(tmp_path, monkeypatch
 
     summary = cv.convert_vqgan(ckpt, tmp_path / "vq")
     assert not sentinel.exists(), "the pickled class itself was run"
+    assert not list(tmp_path.glob(".vq.tmp*")), "the work folder was left behind"
     assert summary["dropped_prefixes"] == ["loss"] and summary["tensors"] == len(model.state_dict())
     assert summary["config"]["down_block_types"] == list(CONFIG["down_block_types"])
     assert summary["config"]["up_block_types"] == list(CONFIG["up_block_types"])
