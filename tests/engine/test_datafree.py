@@ -361,6 +361,17 @@ def test_one_default_generator_fails_fast_without_weights(tmp_path, teacher, tea
     assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()  # nothing written
 
 
+def test_the_cutout_set_is_part_of_the_plan(tmp_path, teacher, teacher_tokenizer, class_names):
+    plan = _plan(class_names[:2], per_class=1, augment="crops")
+    synthesize.synthesize(plan, tmp_path / "s", teacher, teacher_tokenizer, progress=False)
+    assert json.loads((tmp_path / "s" / synthesize.PLAN_FILE).read_text())["augment"] == "crops"
+    with pytest.raises(ValueError, match="differs in \\['augment'\\]"):
+        synthesize.synthesize(_plan(class_names[:2], per_class=1), tmp_path / "s", teacher, teacher_tokenizer,
+                              progress=False)
+    with pytest.raises(ValueError, match="unknown cutout augmentation"):
+        synthesize.synthesize(_plan(class_names[:2], augment="kornia"), tmp_path / "t", teacher, teacher_tokenizer)
+
+
 def test_a_set_made_before_per_image_cutouts_reads_but_does_not_resume(tmp_path, teacher, teacher_tokenizer, class_names):
     plan = _plan(class_names[:2], per_class=1)
     out = tmp_path / "old"
