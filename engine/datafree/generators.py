@@ -174,7 +174,7 @@ _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.2
                            dtype=torch.float64)
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 _LUMA = _RGB_TO_YIQ[0]
-_SHARPEN_KERNEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # PIL's SMOOTH
+_SMOOTH_KERNEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # PIL's SMOOTH
 
 
 def _homography_from_corners(corners: torch.Tensor) -> torch.Tensor:
@@ -289,10 +289,13 @@ class Cutouts:
         views = views.view(batch, channels, n, side, side).transpose(1, 2).reshape(batch * n, channels, side, side)
         a = self.augment
         if a.sharpness_p > 0 and a.sharpness > 0:
-            amount = (u[:, _U_SHARP] < a.sharpness_p).float() * u[:, _U_SHARP_AMOUNT] * a.sharpness
-            kernel = _SHARPEN_KERNEL.to(device).repeat(channels, 1, 1, 1)
-            smooth = F.conv2d(F.pad(views, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
-            views = views + amount.view(-1, 1, 1, 1) * (views - smooth)
+            chosen = torch.nonzero(u[:, _U_SHARP] < a.sharpness_p).squeeze(1)  # only the views drawn for it
+            if chosen.numel():
+                amount = (u[chosen, _U_SHARP_AMOUNT] * a.sharpness).view(-1, 1, 1, 1)
+                part = views.index_select(0, chosen)
+                kernel = _SMOOTH_KERNEL.to(device).repeat(channels, 1, 1, 1)
+                smooth = F.conv2d(F.pad(part, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
+                views = views.index_copy(0, chosen, part + amount * (part - smooth))
         if a.jitter_p > 0 and (a.hue > 0 or a.saturation > 0):
             views = torch.einsum("nij,njhw->nihw", self.color_matrices(u), views)
         if a.noise > 0:
