@@ -34,6 +34,10 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
 TOO_LARGE = "too_large"
+# Entries a folder scan does not list (see sources.walk_folder).
+SYMLINK_LOOP = "symlink_loop"
+DUPLICATE = "duplicate"
+UNSUPPORTED = "unsupported"
 
 # A default bound on width*height: 2**27 pixels (e.g. 11585 x 11585) decodes to
 # 384 MiB of RGB; larger files are rejected rather than risking the host or GPU.
@@ -142,20 +146,56 @@ def image_size(data: bytes):
     return img, img.size
 
 
+# PIL modes of pixels deeper than 8 bits that the loaders scale to 8 bits as DALI does:
+# 16-bit integers by x / 257 (0..65535 -> 0..255), 32-bit floats by x * 255 (0..1 -> 0..255), rounded.
+# 32-bit integer pixels (mode "I", e.g. some TIFFs) have no such range: DALI refuses them, and so do we.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+FLOAT_MODES = frozenset({"F"})
+REFUSED_MODES = {"I": "32-bit integer pixels (PIL mode I): no defined 8-bit range"}
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Parse an encoded image's header (no decoding): (reason or None, detail, PIL image, (width, height)).
+
+    The one header check of ``index --decode`` and of the training backends, so both name a
+    file the same way: images over ``max_pixels`` (and PIL's decompression bombs) are
+    ``too_large``, pixel modes without an 8-bit range ``unsupported_format``, the rest of a
+    header that does not parse ``decode_error``.
+    """
+    try:
+        img, (width, height) = image_size(data)
+    except Image.DecompressionBombError as exc:
+        return TOO_LARGE, str(exc)[:200], None, None
+    except Exception as exc:  # PIL: UnidentifiedImageError, SyntaxError, struct.error ...
+        return DECODE_ERROR, f"header: {type(exc).__name__}: {exc}"[:200], None, None
+    if width * height > max_pixels:
+        return TOO_LARGE, f"{width}x{height} > {max_pixels} pixels", None, None
+    if width < 1 or height < 1:
+        return DECODE_ERROR, f"header: size {width}x{height}", None, None
+    if img.mode in REFUSED_MODES:
+        return UNSUPPORTED_FORMAT, REFUSED_MODES[img.mode], None, None
+    return None, "", img, (width, height)
+
+
 def full_decode_check(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
     """Cheap check, then a full PIL decode (what ``clipdistill index --decode`` runs)."""
     reason, detail = check_bytes(data)
     if reason is not None:
         return reason, detail
+    reason, why, img, _ = open_image(data, max_pixels)
+    if reason is not None:
+        return reason, why
     try:
-        img, (width, height) = image_size(data)
-        if width * height > max_pixels:
-            return TOO_LARGE, f"{width}x{height} > {max_pixels} pixels"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
+        load_checked(img)
     except Image.DecompressionBombError as exc:
         return TOO_LARGE, str(exc)[:200]
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, struct.error ...
         return DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]
     return None, detail
+
+
+def load_checked(img) -> None:
+    """Decode ``img`` (a PIL image from :func:`open_image`) in place."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img.load()
