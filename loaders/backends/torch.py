@@ -65,7 +65,7 @@ def decode_plan(plan: StepPlan, outputs: Sequence[OutputSpec], interpolation: st
                 img = plan.opened[r] if plan.opened and plan.opened[r] is not None else None
                 if img is None:
                     img, _ = formats.image_size(plan.encoded[r])
-                formats.load_checked(img)
+                formats.load_checked(img, plan.encoded[r])
                 img = rgb8(img)
                 decoded[sid] = img
             x, y, w, h = (int(v) for v in plan.crops[r])
@@ -78,7 +78,10 @@ def decode_plan(plan: StepPlan, outputs: Sequence[OutputSpec], interpolation: st
             rows = plan.sample_ids == sid
             for o in outputs:
                 arrays[o.name][rows] = 0
-            plan.reject_sample(sid, locate(sid), formats.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, formats.TruncatedImage):
+                plan.reject_sample(sid, locate(sid), formats.TRUNCATED, str(exc))
+            else:
+                plan.reject_sample(sid, locate(sid), formats.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
             decoded.pop(sid, None)
     return arrays
 
