@@ -299,33 +299,36 @@ def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTE
         for entry in entries:
             name = entry.name
             rel = f"{rel_dir}/{name}" if rel_dir else name
-            if name.startswith("."):
-                skipped.append((rel, UNSUPPORTED, "hidden name (starts with '.')"))
-                continue
             try:
-                if entry.is_symlink():
-                    target = os.stat(entry.path)
-                    if stat.S_ISDIR(target.st_mode):
-                        heapq.heappush(linked, rel)
-                        continue
-                    kind, ident = target.st_mode, (target.st_dev, target.st_ino)
-                elif entry.is_dir(follow_symlinks=False):
+                if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+                    # the common case, kept lean: a plain file (d_type from the listing, no stat)
+                    if name[0] != "." and name[name.rfind("."):].lower() in extensions \
+                            and entry.is_file(follow_symlinks=False) and _listable(rel):
+                        found.append(rel)
+                        devices.append(dir_stat.st_dev)
+                        inodes.append(entry.inode())
+                    else:
+                        mode = stat.S_IFREG if entry.is_file(follow_symlinks=False) else 0
+                        skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, mode, extensions)))
+                    continue
+                if name.startswith("."):
+                    skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, 0, extensions)))
+                    continue
+                if not entry.is_symlink():
                     enter(rel, entry.stat(follow_symlinks=False))
                     continue
-                else:
-                    kind, ident = (stat.S_IFREG if entry.is_file(follow_symlinks=False) else 0), None
+                target = os.stat(entry.path)
             except OSError as exc:
                 skipped.append((rel, _link_reason(exc), _os_detail(exc)))
                 continue
-            why = _unlisted(rel, name, kind, extensions)
+            if stat.S_ISDIR(target.st_mode):
+                heapq.heappush(linked, rel)
+                continue
+            why = _unlisted(rel, name, target.st_mode, extensions)
             if why is not None:
                 skipped.append((rel, UNSUPPORTED, why))
-            elif ident is not None:
-                file_links.append((rel, ident))
             else:
-                found.append(rel)
-                devices.append(dir_stat.st_dev)
-                inodes.append(entry.inode())
+                file_links.append((rel, (target.st_dev, target.st_ino)))
     if file_links:  # a link to a file listed under its own name (or by an earlier link) is a duplicate
         file_links.sort()
         wanted = {ident for _, ident in file_links}
@@ -385,14 +388,20 @@ def _os_detail(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
+def _listable(rel: str) -> bool:
+    return "\t" not in rel and "\n" not in rel and "\r" not in rel
+
+
 def _unlisted(rel: str, name: str, mode: int, extensions: frozenset[str]) -> str | None:
-    """Why a non-folder entry is not a sample, or None when it is one."""
+    """Why an entry that is not a folder is not a sample, or None when it is one."""
+    if name.startswith("."):
+        return "hidden name (starts with '.')"
     if not stat.S_ISREG(mode):
         return "not a regular file"
     ext = os.path.splitext(name)[1].lower()
     if ext not in extensions:
         return f"not an image kind the loaders decode ({ext or 'no extension'})"
-    if "\t" in rel or "\n" in rel or "\r" in rel:
+    if not _listable(rel):
         return "a tab or newline in its path (the list format cannot hold it)"
     return None
 
@@ -535,7 +544,7 @@ def resolve_source(
     key = _key(repr(sorted(os.path.abspath(s) for s in shards)) if shards is not None else os.path.abspath(source))
     saved = Path(_cache_dir(cache_dir)) / "lists" / f"{key}.list"
     record = saved.with_name(f"{key}.state.json")
-    old = None
+    old, change = None, None
     if saved.exists() and not rescan:
         old = SampleList.load(saved)
         state = _read_state(record)
@@ -559,9 +568,12 @@ def resolve_source(
     _write_state(record, state, samples.skipped)
     log_skipped(what, samples.skipped)
     if old is not None:
-        before, now = set(old.location(i) for i in range(len(old))), set(samples.location(i) for i in range(len(samples)))
-        logger.warning("clipdistill.loaders: %s scanned again: %d samples (%d added, %d gone); list saved to %s",
-                       what, len(samples), len(now - before), len(before - now), saved)
+        before = {old.location(i) for i in range(len(old))}
+        now = {samples.location(i) for i in range(len(samples))}
+        added, gone = len(now - before), len(before - now)
+        logger.log(logging.INFO if change == "racy" and not added and not gone else logging.WARNING,
+                   "clipdistill.loaders: %s scanned again: %d samples (%d added, %d gone); list saved to %s",
+                   what, len(samples), added, gone, saved)
     else:
         logger.info("clipdistill.loaders: scanned %d samples, list saved to %s", len(samples), saved)
     return samples
