@@ -549,8 +549,8 @@ def resolve_source(
         old = SampleList.load(saved)
         state = _read_state(record)
         change = _state_change(state, old.root, shards)
-        if change is None or (keep_saved and change != "racy"):
-            if change is not None:
+        if change is None or keep_saved:
+            if change not in (None, "racy"):
                 logger.warning("clipdistill.loaders: %s changed since this run's list was saved (%s); the run keeps "
                                "its list of %d images (%s); start a new run to use the change", what, change,
                                len(old), saved)

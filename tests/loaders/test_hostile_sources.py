@@ -143,6 +143,16 @@ def test_a_list_saved_by_an_older_version_is_rescanned_or_kept_with_a_warning(tm
     assert "no record of its state" in caplog.text
 
 
+def test_a_resumed_run_keeps_a_list_saved_while_its_folder_was_being_written(tmp_path, caplog):
+    root = tmp_path / "data"
+    write_dataset(root, 3, size=(40, 30))  # just written: its scan is "racy" (within 2 s of the mtimes)
+    cache = tmp_path / "cache"
+    first = resolve_source(root, cache_dir=cache)
+    with caplog.at_level(logging.INFO, logger="clipdistill.loaders"):
+        assert resolve_source(root, cache_dir=cache, keep_saved=True).paths == first.paths
+    assert "from the saved list" in caplog.text and "changed" not in caplog.text
+
+
 @pytest.mark.parametrize("cut", ["in_a_member", "after_a_member"])
 def test_a_truncated_shard_is_named_and_the_other_shards_are_used(tmp_path, capsys, cut):
     # Reproduction: one truncated .tar aborted every shard ("not an uncompressed tar file").
