@@ -557,13 +557,13 @@ def resolve_source(
             old.skipped = [tuple(x) for x in (state or {}).get("skipped", [])]
             log_skipped(what, old.skipped)
             logger.info("clipdistill.loaders: %d samples from the saved list %s", len(old), saved)
-            _check_not_empty(old, what, saved)
+            _check_not_empty(old, what)
             return old
         if change != "racy":
             logger.warning("clipdistill.loaders: %s changed since its list was saved (%s); scanning it again",
                            what, change)
     samples, state = _scan(source, shards, cache_dir)
-    _check_not_empty(samples, what, saved)
+    _check_not_empty(samples, what)
     samples.save(saved)
     _write_state(record, state, samples.skipped)
     log_skipped(what, samples.skipped)
@@ -579,7 +579,7 @@ def resolve_source(
     return samples
 
 
-def _check_not_empty(samples: SampleList, what: str, saved: Path) -> None:
+def _check_not_empty(samples: SampleList, what: str) -> None:
     if len(samples) == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(_count(r for _, r, _ in samples.skipped).items()))
         raise EmptySourceError(
