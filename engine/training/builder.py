@@ -34,7 +34,7 @@ from clipdistill.engine.training.data import heldout_transform, image_loader, tr
 from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCache, run_key
 from clipdistill.engine.training.tune_teacher import draw_shots
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
-from clipdistill.loaders.sources import resolve_source
+from clipdistill.loaders.sources import SampleList, resolve_source
 from clipdistill.loaders.views import ReplayViews
 
 
@@ -93,10 +93,9 @@ def _place(cfg: RunConfig) -> _Placement:
 
 
 def _cached_teacher(cfg: RunConfig, class_names: list[str], templates: list[str], device: torch.device,
-                    lists: str):
+                    samples: SampleList):
     """The teacher cache checked against the run, its stand-in teacher, the class vectors, the image list."""
     cache = TeacherCache(cfg.teacher.cache)
-    samples = resolve_source(cfg.data.train, cache_dir=lists)
     k = cache.key  # the teacher's input spec is the cache's own: the teacher model is not loaded to compare
     cache.check(run_key(cfg, num_views=k.num_views, teacher_dim=k.dim, samples=samples,
                         input_spec=(k.input_size, k.mean, k.std)))
@@ -224,14 +223,18 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     torch.manual_seed(cfg.train.seed)
     feature_cache = None
     lists = str(Path(cfg.train.out_dir) / "lists")
-    source = cfg.data.train if selected is None else selected
+    # The run's own image list: a resumed run keeps the one it started with (its checkpoints hold the
+    # list's digest); a folder changed since is reported by resolve_source, not mixed in. A few-shot or
+    # base-class run's list is the selection (drawn again, the same, from the seed).
+    resuming = cfg.train.resume and latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints") is not None
+    source = resolve_source(cfg.data.train, cache_dir=lists, keep_saved=resuming) if selected is None else selected
     vectors_source = "teacher_cache" if cfg.teacher.cache else "tuned" if cfg.teacher.prompts else "teacher"
     if cfg.method == "promptkd" and vectors_source == "teacher":
         log(f"clipdistill: WARNING: PromptKD is distilling from the untuned teacher {cfg.teacher.name} "
             f"({cfg.teacher.weights}): the published method first prompt-tunes it (clipdistill tune-teacher) and "
             f"passes that file as teacher.prompts, whose class vectors the student then learns and predicts with")
     if cfg.teacher.cache:
-        teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, lists)
+        teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, source)
         if where.ds_config is not None:
             log("clipdistill: teacher.cache holds the teacher's features, so no teacher is loaded and "
                 "train.deepspeed has nothing to shard; the ranks train data-parallel")
@@ -264,8 +267,8 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     outputs, teacher_input = _outputs(learner.clip, None if feature_cache is not None else teacher)
     heldout_loader = None
     if cfg.data.holdout_fraction > 0:
-        pool = resolve_source(cfg.data.train, cache_dir=lists) if selected is None else selected
-        source, heldout = holdout_split(pool, cfg.data.holdout_fraction, seed=cfg.train.seed)
+        source, heldout = holdout_split(source, cfg.data.holdout_fraction,
+                                        seed=cfg.train.seed)
         heldout_loader = image_loader(heldout, cfg.data, outputs=outputs, transform=heldout_transform(),
                                       seed=cfg.train.seed, device=device, dtype=dtype, rank=rank, world_size=world)
         log(f"clipdistill: {len(heldout)} unlabeled images held out for model selection "
