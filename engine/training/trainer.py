@@ -160,8 +160,9 @@ class Trainer:
         self.gpa_epoch = None
         self._gpa_last = self.run.step.state_to_save()  # what a resume continues training from
         self.run.step.load_saved_state(self.gpa.result())
+        mean, std = self.cfg.learner.gpa_mean * self.gpa_epochs, self.cfg.learner.gpa_std * self.gpa_epochs
         self.log(f"clipdistill: PromptSRC prompts aggregated over {self.gpa_epochs} epoch(s) (Gaussian, mean "
-                 f"{self.cfg.learner.gpa_mean * self.gpa_epochs:.3g}, std {self.cfg.learner.gpa_std * self.gpa_epochs:.3g})")
+                 f"{mean:.3g}, std {std:.3g})")
 
     def _cached_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's teacher features from the cache, and its mask less rows the cache rejected.
@@ -206,7 +207,8 @@ class Trainer:
             self.best = {"step": self.global_step, "agreement": result["agreement"], "kl": result["kl"]}
             if self.is_main:
                 self._store_class_vectors()
-                record = dict(self.class_vectors_record, file=f"{self.ckpt_dir.name}/{self.class_vectors_record['file']}")
+                stored = self.class_vectors_record
+                record = dict(stored, file=f"{self.ckpt_dir.name}/{stored['file']}")  # relative to best's folder
                 save_state(self.out_dir / "best.safetensors", {"step": self.global_step, "best": self.best,
                                                                "learner": run.step.state_to_save(),
                                                                "config": dump_run_config(self.cfg),

@@ -137,8 +137,9 @@ def test_imagenet_60_is_promptsrcs_set_and_the_default_frozen_target(world, tmp_
     sixty, eighty = templates_for("imagenet_60"), templates_for("imagenet_80")
     # PromptSRC's list: "a photo of a {}." first, then 59 of CLIP's 80 in CLIP's order, ending at "itap of the {}."
     assert len(sixty) == len(set(sixty)) == 60 and set(sixty) <= set(eighty)
-    assert (sixty[0], sixty[1], sixty[39], sixty[40], sixty[-1]) == (
-        "a photo of a {}.", "a bad photo of a {}.", "a close-up photo of the {}.", "the origami {}.", "itap of the {}.")
+    assert (sixty[0], sixty[1], sixty[39], sixty[40], sixty[-1]) == ("a photo of a {}.", "a bad photo of a {}.",
+                                                                     "a close-up photo of the {}.", "the origami {}.",
+                                                                     "itap of the {}.")
     assert sorted(sixty[1:], key=eighty.index) == list(sixty[1:])
     options = {"n_text_ctx": 2, "text_depth": 2, "n_vision_ctx": 2, "vision_depth": 2}
     cfg = load_run_config(_tiny(world, tmp_path / "a", "kdpl", learner={"kind": "promptsrc", "options": options}))

@@ -192,7 +192,8 @@ def test_save_load_round_trip_gives_identical_features(tuned, shapes):
     header = read_tuned_header(tuned.path)
     assert header["teacher"] == {"name": TINY_TEACHER, "weights": shapes["weights"], "init_seed": None,
                                  "weights_size": os.path.getsize(shapes["weights"])}
-    assert header["learner"] == {"kind": "promptsrc", "options": {**SMALL_PROMPTS}, "prompt_placement": "before_ln_pre"}
+    assert header["learner"] == {"kind": "promptsrc", "options": {**SMALL_PROMPTS},
+                                 "prompt_placement": "before_ln_pre"}
     assert header["frozen_templates"] == list(templates_for("imagenet_60"))  # PromptSRC's published target
     assert header["class_names"] == sorted(CLASSES) and header["templates"] == ["a photo of a {}."]
     assert header["shots"]["per_class"] == [16] * 6 and {"torch", "open_clip", "clipdistill"} <= set(header["versions"])
