@@ -72,11 +72,12 @@ class LearnerConfig:
     # PromptSRC: the frozen text target of its self-regularization, a template set or file (the
     # published code: the 60 ImageNet templates); null: data.templates.
     frozen_templates: Optional[str] = "imagenet_60"
-    # PromptSRC: Gaussian prompt aggregation over epochs; the aggregate is the run's result. Mean and
-    # std are fractions of the run's epochs: 0.75 and 0.05 are the published 15 and 1 at 20 epochs.
+    # PromptSRC: Gaussian prompt aggregation over epochs; the aggregate is the run's result. The mean is
+    # a fraction of the run's epochs, the std in epochs: 0.75 and 1 are the published 15 and 1 at 20
+    # epochs, and keep averaging a few neighbouring epochs in a short run.
     gpa: bool = True
     gpa_mean: float = 0.75
-    gpa_std: float = 0.05
+    gpa_std: float = 1.0
 
 
 @dataclass
@@ -216,8 +217,8 @@ class RunConfig:
             raise ConfigError("data.shots / data.base_classes_only choose images and classes that a teacher cache "
                               "was not built for; unset teacher.cache")
         if self.learner.gpa_std <= 0 or self.learner.gpa_mean <= 0:
-            raise ConfigError(f"learner.gpa_mean and learner.gpa_std must be > 0 (fractions of the run's "
-                              f"epochs), got {self.learner.gpa_mean}, {self.learner.gpa_std}")
+            raise ConfigError(f"learner.gpa_mean (a fraction of the run's epochs) and learner.gpa_std (epochs) "
+                              f"must be > 0, got {self.learner.gpa_mean}, {self.learner.gpa_std}")
         learner_options(self.learner.kind, self.learner.options)  # names and types
 
 

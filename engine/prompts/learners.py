@@ -602,9 +602,9 @@ class GaussianPromptAggregator:
         self._sum: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def over_run(cls, n_epochs: int, mean_fraction: float, std_fraction: float) -> "GaussianPromptAggregator":
-        """Mean and std given as fractions of the run's epochs (0.75 and 0.05: 15 and 1 of 20)."""
-        return cls(n_epochs, mean=mean_fraction * n_epochs, std=std_fraction * n_epochs)
+    def over_run(cls, n_epochs: int, mean_fraction: float, std: float) -> "GaussianPromptAggregator":
+        """The mean as a fraction of the run's epochs (0.75: the published 15 of 20), the std in epochs."""
+        return cls(n_epochs, mean=mean_fraction * n_epochs, std=std)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The running weighted sum (what a checkpoint stores to resume the aggregation)."""

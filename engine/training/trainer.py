@@ -160,7 +160,7 @@ class Trainer:
         self.gpa_epoch = None
         self._gpa_last = self.run.step.state_to_save()  # what a resume continues training from
         self.run.step.load_saved_state(self.gpa.result())
-        mean, std = self.cfg.learner.gpa_mean * self.gpa_epochs, self.cfg.learner.gpa_std * self.gpa_epochs
+        mean, std = self.cfg.learner.gpa_mean * self.gpa_epochs, self.cfg.learner.gpa_std
         self.log(f"clipdistill: PromptSRC prompts aggregated over {self.gpa_epochs} epoch(s) (Gaussian, mean "
                  f"{mean:.3g}, std {std:.3g})")
 

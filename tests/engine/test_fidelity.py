@@ -160,11 +160,11 @@ def test_distill_saves_promptsrcs_gaussian_aggregate_of_the_epochs(world, tmp_pa
     monkeypatch.setattr(Trainer, "_gpa_add", record)
     options = {"n_text_ctx": 2, "text_depth": 2, "n_vision_ctx": 2, "vision_depth": 2}
     config = _tiny(world, tmp_path / "run", "kdpl", learner={"kind": "promptsrc", "options": options,
-                                                            "gpa_mean": 0.5, "gpa_std": 0.4},
+                                                            "gpa_mean": 0.5, "gpa_std": 1.0},
                    optim={"lr": 0.05}, train={"max_steps": None, "epochs": 3, "checkpoint_every": 100})
     summary = distill(load_run_config(config), log=lambda m: None)
     assert [epoch for epoch, _ in per_epoch] == [0, 1, 2]  # 7 images, batch 4: 2 steps an epoch
-    weights = GaussianPromptAggregator.over_run(3, 0.5, 0.4).weights
+    weights = GaussianPromptAggregator.over_run(3, 0.5, 1.0).weights
     assert min(weights) > 0.05  # every epoch counts: the result is not the last epoch's prompts
     state = load_checkpoint(summary["checkpoint"])
     for key, value in state["learner"].items():
