@@ -85,7 +85,9 @@ class DataConfig:
     """Unlabeled images, class names and how views are made."""
 
     train: str = ""  # folder, list file or tar shard(s) of images
-    class_names: str = ""  # a text file, one class name per line; or builtin:imagenet21k (20,070 concepts)
+    # a text file, one class name per line; builtin:imagenet21k (20,070 concepts); or kdpl-csv:PATH (KDPL's
+    # vocabulary CSV, a ClassName column)
+    class_names: str = ""
     templates: str = "imagenet"  # a shipped template set name, or a text file of templates with "{}"
     batch_size: int = 32
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
