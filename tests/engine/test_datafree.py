@@ -7,7 +7,6 @@ spreads order), not accuracy.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -58,13 +57,10 @@ def styled(teacher, teacher_tokenizer, class_names):
 
 
 def _cli(argv: list[str]) -> int:
-    """Run the data-free commands through argparse, as clipdistill's CLI does with register()."""
-    from clipdistill.engine.commands import datafree
+    """Run the data-free commands through the real command line; the exit code."""
+    from clipdistill.engine.cli import main
 
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    datafree.register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -331,13 +327,13 @@ def test_student_logits_and_loss_parts(teacher):
 def test_synthesize_distill_eval_end_to_end(tmp_path, class_names):
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(class_names) + "\n")
-    common = ["--classes", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
+    common = ["--class-names", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
               "--teacher", TINY_TEACHER, "--contrastive-steps", "5", "--no-progress", "--batch-size", "10"]
     train, held = tmp_path / "train", tmp_path / "held"
-    assert _cli(["synthesize", *common, "--out", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
-    assert _cli(["synthesize", *common, "--out", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
+    assert _cli(["synthesize", *common, "--out-dir", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
+    assert _cli(["synthesize", *common, "--out-dir", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
     ckpt = tmp_path / "ckpt"
-    argv = ["distill-datafree", "--data", str(train), "--out", str(ckpt), "--student", "test_resnet",
+    argv = ["distill-datafree", "--data", str(train), "--out-dir", str(ckpt), "--student", "test_resnet",
             "--image-size", "32", "--epochs", "6", "--batch-size", "10", "--feature-weight", "0.1",
             "--eval-data", str(held), "--no-progress"]
     assert _cli(argv) == 0
