@@ -59,6 +59,7 @@ from clipdistill.engine.evaluation.export import (StudentClassifier, build_backb
 from clipdistill.engine.io import image_spec, read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer
+from clipdistill.engine.progress import progress_bar
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import SampleList, scan_folder
 from clipdistill.loaders.views import CenterCrop, counter_hash
@@ -243,7 +244,7 @@ def _batches(samples, outputs, rejected: list, settings: LoaderSettings):
     loader = ImageLoader(samples, global_batch_size=settings.batch_size, outputs=list(outputs),
                          transform=CenterCrop(), backend=settings.backend, device=settings.device,
                          workers=settings.workers, interpolation="bicubic", cache_dir=settings.cache_dir)
-    for batch in loader:
+    for batch in progress_bar(loader, total=len(loader), desc="eval", unit="batch", leave=False):
         rejected += [r.location for r in batch.rejects]
         rows = batch.mask.nonzero().squeeze(1)
         if rows.numel():
