@@ -1,7 +1,7 @@
 """Evaluation: zero-shot top-1, base-to-novel, cross-dataset, teacher-student agreement, model selection.
 
     clipdistill eval --data FOLDER [--data FOLDER ...] [--class-names FILE ...] [--templates SPEC ...]
-                     [--distilled CHECKPOINT_OR_EXPORT] [--teacher NAME --teacher-weights W]
+                     [--checkpoint CHECKPOINT_OR_EXPORT] [--teacher NAME --teacher-weights W]
                      [--student NAME --student-weights W] [--base-to-novel] [--unlabeled SOURCE]
                      [--out report.json]
 
@@ -677,7 +677,7 @@ def _evaluate_unlabeled(unlabeled: str, names: list[str], templates: list[str], 
     classifiers = models.classifiers(names, templates)
     students = [c for c in classifiers if c.name != "teacher"]
     if not students:
-        raise EvalInputError("agreement on unlabeled images needs a student (--student or --distilled)")
+        raise EvalInputError("agreement on unlabeled images needs a student (--student or --checkpoint)")
     result = evaluate_agreement(samples, classifiers[0], students, models.outputs, settings)
     return {"source": str(unlabeled), "classes": len(names),
             "images": len(samples) - len(result["rejected"]), "rejected": result["rejected"],
