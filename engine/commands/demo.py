@@ -300,7 +300,7 @@ def _demo_run_config(out: Path, checkpoints: dict[str, Path], data: _DemoData, *
                  "min_scale": 0.5, "interpolation": "bilinear"},
         "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_steps": 5, "warmup_lr": None},
         "train": {"epochs": distill_epochs, "seed": seed, "device": "cpu", "out_dir": str(out / "run"),
-                  "log_every": 5, "checkpoint_every": 50, "progress": False},
+                  "log_every": 5, "checkpoint_every": 50, "progress": True},  # drawn only on a terminal
     }
 
 

@@ -122,13 +122,18 @@ def test_errors_become_one_line_and_documented_exit_codes(monkeypatch, capsys):
 
 
 def test_print_config_prints_the_resolved_config_and_builds_nothing(no_models, capsys, tmp_path):
-    assert main(["distill", "--recipe", "kdpl-ca", "--print-config", "optim.lr=0.5", "--out-dir", "runs/x"]) == 0
+    assert main(["distill", "--recipe", "kdpl-ca", "optim.lr=0.5", "--print-config", "--out-dir", "runs/x",
+                 "optim.momentum=0.5"]) == 0  # overrides on both sides of a flag
     text = capsys.readouterr().out
     printed = yaml.safe_load(text)
-    assert printed["optim"]["lr"] == 0.5 and printed["train"]["out_dir"] == "runs/x"
+    assert printed["optim"]["lr"] == 0.5 and printed["optim"]["momentum"] == 0.5
+    assert printed["train"]["out_dir"] == "runs/x"
+    with pytest.raises(SystemExit):
+        main(["plot", "run", "stray=1"])  # only a command with overrides takes key=value
     assert printed["data"]["class_names"] == "builtin:imagenet21k" and printed["loss"]["top_k"] == 1000
     (tmp_path / "printed.yaml").write_text(text)
-    expected = dump_run_config(load_run_config(None, ["optim.lr=0.5", "train.out_dir=runs/x"], recipe="kdpl-ca"))
+    expected = dump_run_config(load_run_config(None, ["optim.lr=0.5", "optim.momentum=0.5", "train.out_dir=runs/x"],
+                                               recipe="kdpl-ca"))
     assert dump_run_config(load_run_config(tmp_path / "printed.yaml")) == expected
 
 
