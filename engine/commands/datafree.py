@@ -1,10 +1,12 @@
-"""The data-free commands: ``synthesize``, ``datafree-report``, ``distill-datafree``, ``datafree-eval``.
+"""The data-free commands: ``convert-vqgan``, ``synthesize``, ``datafree-report``, ``distill-datafree``,
+``datafree-eval``.
 
-``register(subparsers)`` adds all four; open_clip, timm and diffusers are imported only when a
+``register(subparsers)`` adds all five; open_clip, timm and diffusers are imported only when a
 command runs.
 
 A typical run::
 
+    clipdistill convert-vqgan vqgan_imagenet_f16_1024/last.ckpt --out-dir /models/vqgan-f16
     clipdistill synthesize --class-names classes.txt --diversifier contrastive --generator vqgan \\
         --vqgan /models/vqgan-f16 --per-class 50 --teacher ViT-L-14 --teacher-weights openai --out-dir syn/
     clipdistill synthesize ... --seed 1 --per-class 5 --out-dir held/      # a held-out set
@@ -29,9 +31,11 @@ import torch
 from clipdistill.engine.commands.common import (InputError, add_checkpoint, add_class_names, add_device, add_out_dir,
                                                 add_out_file, add_teacher, check_model_input, require_dir,
                                                 require_file, require_out_dir, require_out_file, require_path)
+from clipdistill.engine.datafree.convert_vqgan import convert_vqgan
 from clipdistill.engine.datafree.dataset import SyntheticImages
 from clipdistill.engine.datafree.diversify import DIVERSIFIERS
-from clipdistill.engine.datafree.generators import GENERATORS
+from clipdistill.engine.datafree.generators import (CUTOUT_AUGMENTS, DEFAULT_AUGMENT, DEFAULT_GENERATOR, GENERATORS,
+                                                    VQGAN_WEIGHTS_NEEDED)
 from clipdistill.engine.datafree.report import diversity_report
 from clipdistill.engine.datafree.student import DataFreeStudent, agreement, distill, load_student, save_student
 from clipdistill.engine.datafree.synthesize import SynthesisPlan, load_teacher, synthesize
@@ -63,24 +67,42 @@ def _device(device: Optional[str]) -> str:
 
 
 def register(subparsers) -> None:
-    """Add the four data-free commands to an argparse ``subparsers`` object."""
+    """Add the five data-free commands to an argparse ``subparsers`` object."""
+    convert = subparsers.add_parser(
+        "convert-vqgan",
+        help="data-free: a taming-transformers VQGAN checkpoint (.ckpt) to a diffusers VQModel folder for --vqgan",
+        description="Read the checkpoint without executing anything (weights-only unpickling; inert stand-ins "
+                    "for Lightning callbacks; anything else is refused), rename its tensors to diffusers' "
+                    "VQModel layout, infer the config from their shapes, write config.json + "
+                    "diffusion_pytorch_model.safetensors to --out-dir, and check that they load back exactly.",
+    )
+    convert.add_argument("checkpoint",
+                         help="taming-transformers VQGAN checkpoint (e.g. vqgan_imagenet_f16_1024/checkpoints/last.ckpt)")
+    add_out_dir(convert, help="new folder for the diffusers VQModel")
+    convert.set_defaults(func=run_convert_vqgan)
+
     synth = subparsers.add_parser(
         "synthesize",
         help="data-free: synthesize surrogate images from class names with diversified prompts",
-        description="Write images, a style bank and a JSON-lines manifest to --out; rerun the same "
+        description="Write images, a style bank and a JSON-lines manifest to --out-dir; rerun the same "
                     "command to resume an interrupted run.",
     )
     add_class_names(synth, required=True, old=("--classes",), help="text file, one class name per line")
     add_out_dir(synth, help="output folder (resumed when it exists)")
     synth.add_argument("--diversifier", choices=DIVERSIFIERS, default="contrastive")
-    synth.add_argument("--generator", choices=GENERATORS, default="vqgan")
+    synth.add_argument("--generator", choices=GENERATORS, default=DEFAULT_GENERATOR,
+                       help=f"image generator (default {DEFAULT_GENERATOR}: needs --vqgan; fourier needs no weights)")
     synth.add_argument("--vqgan", default=None,
-                       help="local VQModel weights: a diffusers folder, or a .safetensors file with its .json "
-                            "config ('tiny': a random-init test decoder)")
+                       help="local VQModel weights: a diffusers folder (clipdistill convert-vqgan makes one from a "
+                            "taming-transformers .ckpt), or a .safetensors file with its .json config "
+                            "('tiny': a random-init test decoder)")
     synth.add_argument("--per-class", type=int, default=10, help="images (and styles) per class")
     synth.add_argument("--steps", type=int, default=100, help="optimization steps per image")
     synth.add_argument("--lr", type=float, default=None, help="generator learning rate (default: its own)")
     synth.add_argument("--cutouts", type=int, default=16, help="augmented crops per image and step")
+    synth.add_argument("--augment", choices=sorted(CUTOUT_AUGMENTS), default=DEFAULT_AUGMENT,
+                       help="the crops' augmentations: vqgan-clip (flip, sharpness, affine, perspective, color "
+                            "jitter, noise, as VQGAN-CLIP's MakeCutouts) or crops (crops and flips only)")
     synth.add_argument("--image-size", type=int, default=None, help="image side (default: the teacher's)")
     synth.add_argument("--style-tokens", type=int, default=1, help="pseudo-tokens per style")
     synth.add_argument("--contrastive-steps", type=int, default=50, help="optimization steps per contrastive style")
@@ -136,18 +158,19 @@ def register(subparsers) -> None:
 def run_synthesize(args: argparse.Namespace) -> int:
     vqgan = args.vqgan
     if vqgan not in (None, "tiny"):
-        require_path(vqgan, "--vqgan", "VQGAN weights")
+        if not os.path.exists(vqgan):
+            raise InputError(f"--vqgan {args.vqgan} does not exist (a diffusers VQModel folder: "
+                             f"clipdistill convert-vqgan CKPT --out-dir DIR makes one)")
         vqgan = os.path.abspath(vqgan)
     if args.generator == "vqgan" and vqgan is None:
-        raise InputError("--generator vqgan needs --vqgan PATH (local weights; never downloaded), "
-                         "or use --generator fourier, which needs no weights")
+        raise InputError(VQGAN_WEIGHTS_NEEDED)
     class_names = tuple(read_class_names(args.class_names, what="--class-names"))
     _check_teacher(args)
     require_out_dir(args.out_dir)
     plan = SynthesisPlan(
         teacher=args.teacher, teacher_weights=args.teacher_weights, class_names=class_names,
         diversifier=args.diversifier, generator=args.generator, per_class=args.per_class, seed=args.seed,
-        steps=args.steps, image_size=args.image_size, n_cutouts=args.cutouts, lr=args.lr,
+        steps=args.steps, image_size=args.image_size, n_cutouts=args.cutouts, augment=args.augment, lr=args.lr,
         n_style_tokens=args.style_tokens, contrastive_steps=args.contrastive_steps, vqgan=vqgan,
     )
     teacher = load_teacher(args.teacher, args.teacher_weights, _device(args.device))
@@ -155,6 +178,17 @@ def run_synthesize(args: argparse.Namespace) -> int:
                         limit=args.limit, progress=progress_enabled())
     print(json.dumps({"out": str(result.out_dir), "total": result.total, "existing": result.existing,
                       "generated": result.generated, "complete": result.complete, "dropped": result.dropped}))
+    return 0
+
+
+def run_convert_vqgan(args: argparse.Namespace) -> int:
+    require_file(args.checkpoint, "CHECKPOINT", "VQGAN checkpoint")
+    require_out_dir(args.out_dir)
+    try:
+        summary = convert_vqgan(args.checkpoint, args.out_dir)
+    except FileExistsError as error:  # an existing --out-dir is never overwritten: bad input, not a failure
+        raise InputError(f"--out-dir: {error}") from error
+    print(json.dumps(summary))
     return 0
 
 
