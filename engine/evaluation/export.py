@@ -2,7 +2,7 @@
 
     clipdistill export CHECKPOINT --out student.safetensors [--class-names FILE] [--templates SPEC]
                        [--include-backbone]
-    clipdistill predict IMAGES... --model student.safetensors [--top-k 5] [--device auto]
+    clipdistill predict IMAGES... --checkpoint student.safetensors [--top-k 5] [--device auto]
 
 The export file holds tensors and a JSON header, nothing else (no pickle):
 

@@ -3,7 +3,7 @@
 The file format and loading it back live in :mod:`clipdistill.engine.models.tuned`; the
 command line in :mod:`clipdistill.engine.commands.tune_teacher`.
 
-    clipdistill tune-teacher --teacher NAME [--weights W] --data FOLDER [--class-names FILE]
+    clipdistill tune-teacher --teacher NAME [--teacher-weights W] --data FOLDER [--class-names FILE]
                              --shots N [--seed S] [--on-short-class error|use-all|skip]
                              [--epochs E] [--lr LR] [--batch-size B] [--n-ctx N] [--depth D]
                              [--eval-data FOLDER] --out FILE
