@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipdistill.loaders.sources import (EmptySourceError, SampleList, check_source, expand_braces, resolve_source,
-                                        scan_folder, tar_index)
+                                         scan_folder, tar_index)
 
 
 def test_folder_scan_is_recursive_sorted_and_skips_hidden_and_non_images(tmp_path):
