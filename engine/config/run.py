@@ -327,7 +327,7 @@ def load_run_config(
         base.setdefault("optim", {})["warmup_epochs"] = 0
     merged = deep_merge(base, user)
     if "method" not in merged:
-        raise ConfigError("no method: name a recipe (--recipe kdpl|promptkd, 'recipe:' in the file, "
+        raise ConfigError(f"no method: name a recipe (--recipe {'|'.join(RECIPES)}, 'recipe:' in the file, "
                           "or method=...)")
     cfg = from_dict(RunConfig, merged)
     cfg.learner.options = learner_options(cfg.learner.kind, cfg.learner.options)
