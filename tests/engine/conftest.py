@@ -60,7 +60,8 @@ def tokenizer():
 
 @pytest.fixture
 def images():
-    return torch.randn(3, 3, 32, 32)
+    # Seeded: a test's outcome must not depend on which tests ran before it (the global stream).
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def write_shape_folder(root, classes: list[str], count: int, side: int):

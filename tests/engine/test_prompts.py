@@ -90,6 +90,9 @@ def test_trainable_set_is_exactly_the_prompts(name, student_clip, tokenizer, cla
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_gradients_reach_every_prompt_tensor_and_nothing_else(name, student_clip, tokenizer, class_names, images):
     cls, options, _ = LEARNERS[name]
+    # Seeded: CoCoOp's 2-unit meta-net can start with both ReLUs dead for some draws of the global
+    # stream, which then depended on the tests run before this one.
+    torch.manual_seed(0)
     learner = build(cls, student_clip, tokenizer, class_names, **options).train()
     output = run(learner, images)
     assert output.logits.shape == (3, 5) and torch.isfinite(output.logits).all()
@@ -218,6 +221,7 @@ def test_selected_names_are_gathered_before_encoding(name, student_clip, tokeniz
 
 
 def test_cocoop_encodes_one_set_of_class_features_per_image(student_clip, tokenizer, class_names, images):
+    torch.manual_seed(0)  # the 2-unit meta-net's init: not whatever the tests before left in the global stream
     learner = P.CoCoOp(student_clip, tokenizer, class_names, n_ctx=4)
     with torch.no_grad():
         out = learner(images)
