@@ -15,13 +15,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     overrides = [f"train.{o}" if o.startswith("deepspeed=") else o for o in args.overrides]
     if args.resume:
         overrides.append("train.resume=true")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     try:
         cfg = load_run_config(args.config, overrides, recipe=args.recipe)
         summary = distill(cfg, log=lambda m: print(m, file=sys.stderr))
     except NonFiniteLossError as exc:
         print(f"clipdistill distill: error: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad config, data or files: said plainly
+    except (ValueError, OSError, KeyError) as exc:  # bad config, data or files, a folder that cannot be written
         print(f"clipdistill distill: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
@@ -45,7 +47,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="YAML run config (may name its recipe with 'recipe:')")
     parser.add_argument("--recipe", default=None, help="shipped recipe: kdpl or promptkd")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run recorded in train.out_dir from its newest intact checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a train.out_dir that holds another one (that run's files move "
+                             "to train.out_dir/previous/<its run id>/; nothing is deleted)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.set_defaults(func=_cmd_distill)
     return parser

@@ -11,7 +11,8 @@ Writes are atomic: the file is written under a temporary name in the same
 folder, flushed and fsynced, then renamed over the final name and the folder
 fsynced. A crash leaves either the previous checkpoints or the new one, never a
 torn file. ``keep_last`` prunes older checkpoints only after the new one is in
-place.
+place, never the new one, and with a ``run_id`` only checkpoints of that run (the id is in
+the header's metadata, readable without loading the tensors: :func:`read_checkpoint_run_id`).
 """
 from __future__ import annotations
 
@@ -143,14 +144,19 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_state(path: str | Path, state: dict) -> Path:
-    """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder)."""
+def save_state(path: str | Path, state: dict, *, run_id: str | None = None) -> Path:
+    """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder).
+
+    ``run_id``: the run it belongs to, stored in the header's metadata.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = flatten_state(state)
     # safetensors refuses tensors that share memory; each stored tensor gets its own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "state": json.dumps(skeleton, allow_nan=False)}
+    if run_id is not None:
+        metadata["run_id"] = run_id
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
@@ -161,15 +167,32 @@ def save_state(path: str | Path, state: dict) -> Path:
     return final
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None) -> Path:
-    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``."""
+def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None,
+                    run_id: str | None = None) -> Path:
+    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``.
+
+    With ``run_id`` the checkpoint records it, and pruning counts and removes only that run's
+    checkpoints (another run's, or one whose header cannot be read, are never touched). The
+    checkpoint just written is never pruned, whatever the steps of the others.
+    """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    final = save_state(checkpoint_path(folder, step), state)
+    final = save_state(checkpoint_path(folder, step), state, run_id=run_id)
     if keep_last is not None:
-        for _, old in list_checkpoints(folder)[:-keep_last]:
+        mine = [path for _, path in list_checkpoints(folder)
+                if path != final and (run_id is None or read_checkpoint_run_id(path) == run_id)]
+        for old in mine[:len(mine) - (keep_last - 1)]:
             old.unlink(missing_ok=True)
     return final
+
+
+def read_checkpoint_run_id(path: str | Path) -> str | None:
+    """The run id in a checkpoint's header; None for a checkpoint without one or an unreadable file."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("run_id")
+    except Exception:  # safetensors raises its own error types for torn/garbled files
+        return None
 
 
 def load_checkpoint(path: str | Path) -> dict:

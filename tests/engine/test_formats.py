@@ -93,7 +93,7 @@ def test_checkpoint_reads_and_resumes_with_the_saved_config_layout(legacy):
     # Resume compares the saved config with today's key by key: the layout must not have changed.
     from clipdistill.engine.config.run import config_differences, dump_run_config
 
-    assert config_differences(saved, dump_run_config(cfg)) == ["train.max_steps", "train.resume"]
+    assert config_differences(saved, dump_run_config(cfg)) == ["train.max_steps", "train.overwrite", "train.resume"]
     logs: list[str] = []
     summary = Trainer(build_run(cfg, log=logs.append), log=logs.append).fit()
     assert any("resumed from" in m and "step 2" in m for m in logs), logs
