@@ -5,7 +5,8 @@ optimizer's and scheduler's state dicts, RNG states, the loader's position,
 counters, the run's config). :func:`flatten_state` splits such a tree into a
 flat ``{name: tensor}`` mapping and a JSON skeleton where each tensor is
 replaced by a reference; both go into one ``.safetensors`` file (the skeleton in
-the header's metadata), so loading never unpickles anything.
+the header's metadata), so loading never unpickles anything. The header also holds a
+SHA-256 of the tensors, so a file garbled after it was written is refused, not trained on.
 
 Writes are atomic: the file is written under a temporary name in the same
 folder, flushed and fsynced, then renamed over the final name and the folder
@@ -16,6 +17,7 @@ the header's metadata, readable without loading the tensors: :func:`read_checkpo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -144,6 +146,16 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes: what the header's checksum covers."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_state(path: str | Path, state: dict, *, run_id: str | None = None) -> Path:
     """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder).
 
@@ -155,6 +167,7 @@ def save_state(path: str | Path, state: dict, *, run_id: str | None = None) -> P
     # safetensors refuses tensors that share memory; each stored tensor gets its own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "state": json.dumps(skeleton, allow_nan=False)}
+    metadata["tensors_sha256"] = tensors_digest(tensors)
     if run_id is not None:
         metadata["run_id"] = run_id
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -181,7 +194,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: in
     if keep_last is not None:
         mine = [path for _, path in list_checkpoints(folder)
                 if path != final and (run_id is None or read_checkpoint_run_id(path) == run_id)]
-        for old in mine[:len(mine) - (keep_last - 1)]:
+        for old in mine[:max(0, len(mine) - (keep_last - 1))]:
             old.unlink(missing_ok=True)
     return final
 
@@ -208,6 +221,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc})") from exc
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a clipdistill checkpoint (format {metadata.get('format')!r})")
+    recorded = metadata.get("tensors_sha256")  # absent in checkpoints written before it was recorded
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors do not match the checksum in "
+                              f"its header")
     return unflatten_state(json.loads(metadata["state"]), tensors)
 
 
