@@ -394,14 +394,15 @@ class TeacherCache:
             self._features.append(np.load(root / f"{name}.features.npy", mmap_mode="r", allow_pickle=False))
             self._views.append(np.load(root / f"{name}.views.npy", mmap_mode="r", allow_pickle=False))
             self._valid.append(np.load(root / f"{name}.valid.npy", allow_pickle=False))
-            count, k = shard["count"], self.key.num_views
-            shapes = (self._features[-1].shape, self._views[-1].shape, self._valid[-1].shape)
-            if shapes != ((count, k, self.key.dim), (count, k, 5), (count,)):
-                raise TeacherCacheError(f"{root / name}: arrays of shapes {shapes} do not hold {count} images x {k} "
-                                        f"views of dimension {self.key.dim} as the index says")
         if self._features and self._features[0].shape[-1] != self.key.dim:
             raise TeacherCacheError(f"{root}: features of dimension {self._features[0].shape[-1]}, "
                                     f"index says {self.key.dim}")
+        for shard, *arrays in zip(shards, self._features, self._views, self._valid):
+            count, k = shard["count"], self.key.num_views
+            shapes = tuple(a.shape for a in arrays)
+            if shapes != ((count, k, self.key.dim), (count, k, 5), (count,)):
+                raise TeacherCacheError(f"{root / _shard_name(shard['shard'])}: arrays of shapes {shapes} do not "
+                                        f"hold {count} images x {k} views as the index says")
 
     @property
     def num_views(self) -> int:
