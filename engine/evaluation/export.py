@@ -353,7 +353,11 @@ def build_backbone(
     elif weights is None:
         raise ExportError(f"{distilled.path}: the student {name!r} was random-init (weights null) and its "
                           f"backbone is not in the file; its prompts cannot be used with another random init")
-    clip = build_student(name, weights, device=device, precision=precision)
+    try:
+        clip = build_student(name, weights, device=device, precision=precision)
+    except RuntimeError as exc:  # weights that do not fit the architecture (open_clip's multi-line message)
+        raise ExportError(f"{distilled.path}: the student weights {weights!r} do not build {name!r}: "
+                          f"{' '.join(str(exc).split())[:400]}") from exc
     if distilled.source == "export":
         _check_backbone_shapes(distilled, clip)
     return clip

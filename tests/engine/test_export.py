@@ -305,3 +305,17 @@ def test_refuses_an_embedded_backbone_that_does_not_fit(world, tmp_path, capsys)
             load_export(bad)
         assert run_cli("predict", tmp_path, "--model", bad, "--device", "cpu") == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_export_refuses_student_weights_of_another_architecture_in_one_line(world, tmp_path, capsys):
+    """Reproduction: a checkpoint whose student weights do not fit its student architecture (here the
+    teacher's weights) ended `clipdistill export` in open_clip's multi-line RuntimeError traceback."""
+    from clipdistill.engine.training import checkpoint as ckpt
+
+    checkpoint, _ = world.distilled("coop", {"n_ctx": 2}, out="run_mismatch")
+    state = ckpt.load_checkpoint(checkpoint)
+    state["config"]["student"]["weights"] = str(world.teacher_weights)
+    mismatched = ckpt.save_state(tmp_path / "step-000000001.safetensors", state)
+    assert run_cli("export", mismatched, "--out", tmp_path / "e.safetensors", "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not build 'clipdistill-tiny-student'" in err[0] and "does not fit" in err[0], err
