@@ -1,10 +1,12 @@
-"""The data-free commands: ``synthesize``, ``datafree-report``, ``distill-datafree``, ``datafree-eval``.
+"""The data-free commands: ``convert-vqgan``, ``synthesize``, ``datafree-report``, ``distill-datafree``,
+``datafree-eval``.
 
-``register(subparsers)`` adds all four; open_clip, timm and diffusers are imported only when a
+``register(subparsers)`` adds all five; open_clip, timm and diffusers are imported only when a
 command runs.
 
 A typical run::
 
+    clipdistill convert-vqgan vqgan_imagenet_f16_1024/last.ckpt --out /models/vqgan-f16
     clipdistill synthesize --classes classes.txt --diversifier contrastive --generator vqgan \\
         --vqgan /models/vqgan-f16 --per-class 50 --teacher ViT-L-14 --teacher-weights openai --out syn/
     clipdistill synthesize ... --seed 1 --per-class 5 --out held/          # a held-out set
@@ -26,9 +28,11 @@ from typing import Optional
 
 import torch
 
+from clipdistill.engine.datafree.convert_vqgan import convert_vqgan
 from clipdistill.engine.datafree.dataset import SyntheticImages
 from clipdistill.engine.datafree.diversify import DIVERSIFIERS
-from clipdistill.engine.datafree.generators import GENERATORS
+from clipdistill.engine.datafree.generators import (CUTOUT_AUGMENTS, DEFAULT_AUGMENT, DEFAULT_GENERATOR, GENERATORS,
+                                                    VQGAN_WEIGHTS_NEEDED)
 from clipdistill.engine.datafree.report import diversity_report
 from clipdistill.engine.datafree.student import DataFreeStudent, agreement, distill, load_student, save_student
 from clipdistill.engine.datafree.synthesize import SynthesisPlan, load_teacher, synthesize
@@ -36,7 +40,6 @@ from clipdistill.engine.io import read_class_names, resolve_device
 from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import get_tokenizer
 from clipdistill.engine.templates import templates_for
-
 
 
 def _add_teacher_arguments(parser: argparse.ArgumentParser, default: Optional[str]) -> None:
@@ -52,7 +55,20 @@ def _device(device: Optional[str]) -> str:
 
 
 def register(subparsers) -> None:
-    """Add the four data-free commands to an argparse ``subparsers`` object."""
+    """Add the five data-free commands to an argparse ``subparsers`` object."""
+    convert = subparsers.add_parser(
+        "convert-vqgan",
+        help="data-free: a taming-transformers VQGAN checkpoint (.ckpt) to a diffusers VQModel folder for --vqgan",
+        description="Read the checkpoint without executing anything (weights-only unpickling; inert stand-ins "
+                    "for Lightning callbacks; anything else is refused), rename its tensors to diffusers' "
+                    "VQModel layout, infer the config from their shapes, write config.json + "
+                    "diffusion_pytorch_model.safetensors to --out, and check that they load back exactly.",
+    )
+    convert.add_argument("checkpoint",
+                         help="taming-transformers VQGAN checkpoint (e.g. vqgan_imagenet_f16_1024/checkpoints/last.ckpt)")
+    convert.add_argument("--out", required=True, help="new folder for the diffusers VQModel")
+    convert.set_defaults(func=run_convert_vqgan)
+
     synth = subparsers.add_parser(
         "synthesize",
         help="data-free: synthesize surrogate images from class names with diversified prompts",
@@ -62,14 +78,19 @@ def register(subparsers) -> None:
     synth.add_argument("--classes", required=True, help="text file, one class name per line")
     synth.add_argument("--out", required=True, help="output folder (resumed when it exists)")
     synth.add_argument("--diversifier", choices=DIVERSIFIERS, default="contrastive")
-    synth.add_argument("--generator", choices=GENERATORS, default="vqgan")
+    synth.add_argument("--generator", choices=GENERATORS, default=DEFAULT_GENERATOR,
+                       help=f"image generator (default {DEFAULT_GENERATOR}: needs --vqgan; fourier needs no weights)")
     synth.add_argument("--vqgan", default=None,
-                       help="local VQModel weights: a diffusers folder, or a .safetensors file with its .json "
-                            "config ('tiny': a random-init test decoder)")
+                       help="local VQModel weights: a diffusers folder (clipdistill convert-vqgan makes one from a "
+                            "taming-transformers .ckpt), or a .safetensors file with its .json config "
+                            "('tiny': a random-init test decoder)")
     synth.add_argument("--per-class", type=int, default=10, help="images (and styles) per class")
     synth.add_argument("--steps", type=int, default=100, help="optimization steps per image")
     synth.add_argument("--lr", type=float, default=None, help="generator learning rate (default: its own)")
     synth.add_argument("--cutouts", type=int, default=16, help="augmented crops per image and step")
+    synth.add_argument("--augment", choices=sorted(CUTOUT_AUGMENTS), default=DEFAULT_AUGMENT,
+                       help="the crops' augmentations: vqgan-clip (flip, sharpness, affine, perspective, color "
+                            "jitter, noise, as VQGAN-CLIP's MakeCutouts) or crops (crops and flips only)")
     synth.add_argument("--image-size", type=int, default=None, help="image side (default: the teacher's)")
     synth.add_argument("--style-tokens", type=int, default=1, help="pseudo-tokens per style")
     synth.add_argument("--contrastive-steps", type=int, default=50, help="optimization steps per contrastive style")
@@ -129,12 +150,14 @@ def run_synthesize(args: argparse.Namespace) -> int:
     if vqgan not in (None, "tiny"):
         vqgan = os.path.abspath(vqgan)
     if args.generator == "vqgan" and vqgan is None:
-        raise SystemExit("synthesize: --generator vqgan needs --vqgan PATH (local weights; never downloaded), "
-                         "or use --generator fourier, which needs no weights")
+        raise SystemExit(f"synthesize: {VQGAN_WEIGHTS_NEEDED}")
+    if vqgan not in (None, "tiny") and not os.path.exists(vqgan):
+        raise SystemExit(f"synthesize: --vqgan {args.vqgan} does not exist (a diffusers VQModel folder: "
+                         f"clipdistill convert-vqgan CKPT --out DIR makes one)")
     plan = SynthesisPlan(
         teacher=args.teacher, teacher_weights=args.teacher_weights, class_names=tuple(read_class_names(args.classes, what='--classes')),
         diversifier=args.diversifier, generator=args.generator, per_class=args.per_class, seed=args.seed,
-        steps=args.steps, image_size=args.image_size, n_cutouts=args.cutouts, lr=args.lr,
+        steps=args.steps, image_size=args.image_size, n_cutouts=args.cutouts, augment=args.augment, lr=args.lr,
         n_style_tokens=args.style_tokens, contrastive_steps=args.contrastive_steps, vqgan=vqgan,
     )
     teacher = load_teacher(args.teacher, args.teacher_weights, _device(args.device))
@@ -142,6 +165,15 @@ def run_synthesize(args: argparse.Namespace) -> int:
                         limit=args.limit, progress=not args.no_progress)
     print(json.dumps({"out": str(result.out_dir), "total": result.total, "existing": result.existing,
                       "generated": result.generated, "complete": result.complete, "dropped": result.dropped}))
+    return 0
+
+
+def run_convert_vqgan(args: argparse.Namespace) -> int:
+    try:
+        summary = convert_vqgan(args.checkpoint, args.out)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise SystemExit(f"convert-vqgan: {error}") from None
+    print(json.dumps(summary))
     return 0
 
 
