@@ -24,7 +24,6 @@ from clipdistill.engine.training.builder import build_run
 from clipdistill.engine.training.trainer import NonFiniteLossError, Trainer, distill
 from clipdistill.loaders.loader import dali_available
 
-
 LEARNER_OPTIONS = {
     "coop": {"n_ctx": 2},
     "cocoop": {"n_ctx": 2},
