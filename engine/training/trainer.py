@@ -301,9 +301,10 @@ class Trainer:
         names = list(interval.sums)
         # One synchronization reads the mean losses, whether the state after the optimizer step is
         # finite (then a checkpoint may be written from it) and the first step with a non-finite loss.
-        values = torch.cat([torch.stack([interval.sums[n] for n in names]) / interval.micro_batches,
-                            self.finite_state().to(torch.float32).reshape(1),
-                            interval.first_bad.to(torch.float32).reshape(1)]).tolist()
+        # (float64: a step number stays exact, and the float32 losses read back as before.)
+        values = torch.cat([(torch.stack([interval.sums[n] for n in names]) / interval.micro_batches).double(),
+                            self.finite_state().double().reshape(1),
+                            interval.first_bad.double().reshape(1)]).tolist()
         finite_state, bad, values = values[-2] > 0, int(values[-1]), values[:-2]
         images = interval.images
         if self.world > 1:
