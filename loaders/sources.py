@@ -25,11 +25,13 @@ Sources accepted by :func:`resolve_source`:
   duplicates, dangling links, unreadable folders) is kept with its reason in
   :attr:`SampleList.skipped`;
 - a text list file (``.txt``, ``.list``, ...): used as is;
-- WebDataset-style tar shards: a ``.tar`` path, a glob (``"shards/*.tar"``) or a
-  list of ``.tar`` paths; each shard gets an index file ``<shard>.idx`` (member,
-  offset, size of its images) made when missing. A shard that is not a tar, or
-  is truncated, is skipped with its reason (its complete members are kept); the
-  other shards are used. Non-image members (captions, JSON) are not counted.
+- WebDataset-style tar shards: a ``.tar`` path, a glob (``"shards/*.tar"``), a
+  brace pattern (``"shards-{00000..01023}.tar"``, ``"{train,extra}/*.tar"``; see
+  :func:`expand_braces`) or a list of ``.tar`` paths; each shard gets an index
+  file ``<shard>.idx`` (member, offset, size of its images) made when missing. A
+  shard that is not a tar, or is truncated, is skipped with its reason (its
+  complete members are kept); the other shards are used. Non-image members
+  (captions, JSON) are not counted.
 
 Folder and shard sources are saved under a cache folder (``cache_dir``, else
 ``$CLIPDISTILL_CACHE``, else ``~/.cache/clipdistill``) keyed by the source path,
@@ -50,6 +52,7 @@ import heapq
 import json
 import logging
 import os
+import re
 import stat
 import tarfile
 import time
@@ -492,17 +495,89 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The paths a WebDataset-style brace pattern names, in order.
+
+    ``{a,b}`` is a choice and ``{0..9}`` or ``{00000..01023}`` an inclusive numeric range (zero-padded
+    to the width of its bounds when either has a leading zero); several braces give every
+    combination, left to right. A pattern without braces is returned as the only item;
+    ``"{}"`` or a brace with one item and no ``..`` stay literal (not a pattern).
+
+    Raises:
+        ValueError: a range that runs backwards (``{9..0}``).
+    """
+    match = next((m for m in _BRACE.finditer(pattern) if "," in m.group(1) or _RANGE.match(m.group(1))), None)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+        lo, hi = numeric.group(1), numeric.group(2)
+        if int(hi) < int(lo):
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} runs backwards; write {{{hi}..{lo}}}")
+        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [path for choice in choices for path in expand_braces(head + choice + tail)]
+
+
 def _shard_paths(source: str | Sequence[str]) -> list[str] | None:
-    """The shard paths a source names, or None when it names no tar shards."""
+    """The shard paths a source names, or None when it names no tar shards.
+
+    Brace patterns are expanded first; each expanded path may still be a glob.
+    """
     if isinstance(source, (list, tuple)):
         items = [os.fspath(s) for s in source]
         return sorted(items) if items and all(s.endswith(".tar") for s in items) else None
     source = os.fspath(source)
+    expanded = expand_braces(source)
+    if len(expanded) > 1:
+        if not all(p.endswith(".tar") for p in expanded):
+            return None
+        return sorted({s for p in expanded for s in (glob.glob(p) if any(c in p for c in "*?[") else [p])})
     if any(ch in source for ch in "*?["):
         return sorted(glob.glob(source))
     if source.endswith(".tar"):
         return [source]
     return None
+
+
+def check_source(source: "str | os.PathLike | Sequence[str] | SampleList") -> list[str] | None:
+    """Check, without scanning or reading images, that a source can be resolved; return its shard paths.
+
+    For a command to call before it builds any model: a missing folder or list file, a shard
+    pattern that matches nothing, and named shards that do not exist fail here, in one line.
+
+    Returns:
+        the tar shard paths the source names (brace patterns and globs expanded), or None for a
+        folder, a list file or a :class:`SampleList`.
+
+    Raises:
+        FileNotFoundError: the folder, list file or some of the shards do not exist.
+        EmptySourceError: a shard pattern that matches no file.
+    """
+    if isinstance(source, SampleList):
+        return None
+    shards = _shard_paths(source)
+    if shards is None:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"source {str(path)!r} does not exist (expected a folder, a list file or tar shards)")
+        return None
+    if not shards:
+        raise EmptySourceError(f"no tar shards match {source!r}")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(shards)} tar shards {source!r} names do not exist "
+                                f"(the first: {missing[0]!r})")
+    return shards
 
 
 def resolve_source(
@@ -530,11 +605,9 @@ def resolve_source(
         if len(source) == 0:
             raise EmptySourceError("the sample list is empty: there is nothing to load")
         return source
-    shards = _shard_paths(source)
+    shards = check_source(source)
     if shards is None:
         path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"source {str(path)!r} does not exist (expected a folder, a list file or tar shards)")
         if path.is_file():
             samples = SampleList.load(path)
             if len(samples) == 0:

@@ -66,7 +66,7 @@ GENERATORS = ("vqgan", "fourier", "pixel")
 DEFAULT_GENERATOR = "vqgan"
 VQGAN_WEIGHTS_NEEDED = (
     "the vqgan generator needs decoder weights: --vqgan DIR, a diffusers VQModel folder (make one from a "
-    "taming-transformers checkpoint with `clipdistill convert-vqgan CKPT --out DIR`; 'tiny': a random-init "
+    "taming-transformers checkpoint with `clipdistill convert-vqgan CKPT --out-dir DIR`; 'tiny': a random-init "
     "test decoder), or --generator fourier, which needs no weights"
 )
 CUTOUT_SEED_TAG = 0xC07  # a tag of its own in each image's seed sequence (see synthesize.IMAGE_SEED_TAG)

@@ -1,6 +1,6 @@
 """Teacher cache: run the teacher once per image and view, replay it in every epoch after.
 
-    clipdistill cache-teacher --config FILE --views K --out DIR [key=value ...]
+    clipdistill cache-teacher --config FILE --views K --out-dir DIR [key=value ...]
     clipdistill distill --config FILE teacher.cache=DIR
 
 Building: for every image of ``data.train`` and each of K views, the view's

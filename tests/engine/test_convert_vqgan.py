@@ -180,18 +180,15 @@ def test_other_unknown_globals_and_wrong_layouts_are_named(tmp_path):
 
 
 def test_convert_vqgan_command(tmp_path, monkeypatch, capsys):
-    import argparse
     import json
 
-    from clipdistill.engine.commands import datafree
+    from clipdistill.engine.cli import main
 
     state = _taming_state(_tiny_model())
     torch.save({"state_dict": state}, tmp_path / "bare.ckpt")
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    datafree.register(parser.add_subparsers())
-    args = parser.parse_args(["convert-vqgan", str(tmp_path / "bare.ckpt"), "--out", str(tmp_path / "vq")])
-    assert args.func(args) == 0
+    assert main(["convert-vqgan", str(tmp_path / "bare.ckpt"), "--out-dir", str(tmp_path / "vq")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"]["num_vq_embeddings"] == 16
-    args = parser.parse_args(["convert-vqgan", str(tmp_path / "nothing.ckpt"), "--out", str(tmp_path / "vq2")])
-    with pytest.raises(SystemExit, match="convert-vqgan: .*not found"):
-        args.func(args)
+    assert main(["convert-vqgan", str(tmp_path / "nothing.ckpt"), "--out-dir", str(tmp_path / "vq2")]) == 2
+    assert capsys.readouterr().err.startswith("clipdistill convert-vqgan: error: CHECKPOINT: ")
+    assert main(["convert-vqgan", str(tmp_path / "bare.ckpt"), "--out-dir", str(tmp_path / "vq")]) == 2  # exists
+    assert capsys.readouterr().err.startswith("clipdistill convert-vqgan: error: --out-dir: ")

@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,10 @@ def styled(teacher, teacher_tokenizer, class_names):
 
 
 def _cli(argv: list[str]) -> int:
-    """Run the data-free commands through argparse, as clipdistill's CLI does with register()."""
-    from clipdistill.engine.commands import datafree
+    """Run the data-free commands through the real command line; the exit code."""
+    from clipdistill.engine.cli import main
 
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    datafree.register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -341,7 +339,7 @@ def test_synthesized_images_match_a_fresh_uninterrupted_run(tmp_path, teacher, t
         assert (a / entry["path"]).read_bytes() == (b / entry["path"]).read_bytes()
 
 
-def test_one_default_generator_fails_fast_without_weights(tmp_path, teacher, teacher_tokenizer, class_names):
+def test_one_default_generator_fails_fast_without_weights(tmp_path, teacher, teacher_tokenizer, class_names, capsys):
     from clipdistill.engine.commands import datafree
 
     parser = argparse.ArgumentParser()
@@ -354,10 +352,14 @@ def test_one_default_generator_fails_fast_without_weights(tmp_path, teacher, tea
         synthesize.synthesize(plan, tmp_path / "lib", teacher, teacher_tokenizer, progress=False)
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
-    with pytest.raises(SystemExit, match=r"^synthesize: .*--vqgan DIR.*clipdistill convert-vqgan CKPT --out DIR"):
-        _cli(["synthesize", "--classes", str(classes), "--out", str(tmp_path / "cli"), "--teacher", TINY_TEACHER])
-    with pytest.raises(SystemExit, match="does not exist"):
-        _cli(["synthesize", "--classes", str(classes), "--out", str(tmp_path / "cli"), "--vqgan", str(tmp_path / "no")])
+    capsys.readouterr()
+    assert _cli(["synthesize", "--class-names", str(classes), "--out-dir", str(tmp_path / "cli"),
+                 "--teacher", TINY_TEACHER]) == 2
+    assert re.match(r"^clipdistill synthesize: error: .*--vqgan DIR.*clipdistill convert-vqgan CKPT --out-dir DIR",
+                    capsys.readouterr().err)
+    assert _cli(["synthesize", "--class-names", str(classes), "--out-dir", str(tmp_path / "cli"),
+                 "--vqgan", str(tmp_path / "no")]) == 2
+    assert "--vqgan" in capsys.readouterr().err
     assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()  # nothing written
 
 
@@ -441,13 +443,13 @@ def test_student_logits_and_loss_parts(teacher):
 def test_synthesize_distill_eval_end_to_end(tmp_path, class_names):
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(class_names) + "\n")
-    common = ["--classes", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
+    common = ["--class-names", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
               "--teacher", TINY_TEACHER, "--contrastive-steps", "5", "--no-progress", "--batch-size", "10"]
     train, held = tmp_path / "train", tmp_path / "held"
-    assert _cli(["synthesize", *common, "--out", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
-    assert _cli(["synthesize", *common, "--out", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
+    assert _cli(["synthesize", *common, "--out-dir", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
+    assert _cli(["synthesize", *common, "--out-dir", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
     ckpt = tmp_path / "ckpt"
-    argv = ["distill-datafree", "--data", str(train), "--out", str(ckpt), "--student", "test_resnet",
+    argv = ["distill-datafree", "--data", str(train), "--out-dir", str(ckpt), "--student", "test_resnet",
             "--image-size", "32", "--epochs", "6", "--batch-size", "10", "--feature-weight", "0.1",
             "--eval-data", str(held), "--no-progress"]
     assert _cli(argv) == 0

@@ -19,7 +19,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=SLOW), pytest.param(2, marks=SLOW)])
 def test_demo_distillation_raises_agreement(seed, tmp_path):
     exe = Path(sys.executable).parent / "clipdistill"
-    proc = subprocess.run([str(exe), "demo", "--out", str(tmp_path / "demo"), "--seed", str(seed)],
+    proc = subprocess.run([str(exe), "demo", "--out-dir", str(tmp_path / "demo"), "--seed", str(seed)],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -121,15 +121,10 @@ def test_no_checkpoint_is_written_from_non_finite_parameters(shape_data, tiny_ru
 
 
 def _distill_cli(*argv) -> int:
-    """``clipdistill distill ARGV`` in this process, through the command's own parser; the exit code."""
-    import argparse
+    """``clipdistill distill ARGV`` in this process, through the real command line; the exit code."""
+    from clipdistill.engine.cli import main
 
-    from clipdistill.engine.commands import distill as command
-
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    command.register(parser.add_subparsers())
-    args = parser.parse_args(["distill", *map(str, argv)])
-    return args.func(args)
+    return main(["distill", *map(str, argv)])
 
 
 def test_cli_errors_are_one_line(shape_data, tiny_run_config, tmp_path, capsys):

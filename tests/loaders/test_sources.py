@@ -8,7 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from clipdistill.loaders.sources import EmptySourceError, SampleList, resolve_source, scan_folder, tar_index
+from clipdistill.loaders.sources import (EmptySourceError, SampleList, check_source, expand_braces, resolve_source,
+                                         scan_folder, tar_index)
 
 
 def test_folder_scan_is_recursive_sorted_and_skips_hidden_and_non_images(tmp_path):
@@ -105,3 +106,33 @@ def test_sample_list_travels_to_other_processes_without_its_open_files(image_fol
     clone = pickle.loads(pickle.dumps(samples))
     assert clone._fds == {} and clone.paths == samples.paths
     assert os.path.isabs(clone.full_path(0))
+
+
+def test_brace_patterns_expand_like_webdataset():
+    assert expand_braces("s-{000..003}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar", "s-003.tar"]
+    assert expand_braces("s-{8..11}.tar") == ["s-8.tar", "s-9.tar", "s-10.tar", "s-11.tar"]
+    assert expand_braces("{a,b}/x-{0..1}.tar") == ["a/x-0.tar", "a/x-1.tar", "b/x-0.tar", "b/x-1.tar"]
+    assert len(expand_braces("shards-{00000..01023}.tar")) == 1024
+    assert expand_braces("shards-{00000..01023}.tar")[-1] == "shards-01023.tar"
+    for literal in ("plain.tar", "odd{}.tar", "one{x}.tar"):
+        assert expand_braces(literal) == [literal]
+    with pytest.raises(ValueError, match="runs backwards"):
+        expand_braces("s-{3..1}.tar")
+
+
+def test_brace_patterns_resolve_to_their_shards_and_missing_ones_are_named(image_folder, tmp_path, cache_dir):
+    samples = resolve_source(image_folder, cache_dir=cache_dir)
+    blobs = [samples.read(i) for i in range(len(samples))]
+    for shard in range(3):
+        _write_shard(tmp_path / f"shards-{shard:03d}.tar",
+                     [(f"{i:04d}.jpg", blobs[i]) for i in range(shard * 5, shard * 5 + 5)])
+    every = resolve_source(str(tmp_path / "shards-{000..002}.tar"), cache_dir=cache_dir)
+    assert len(every) == 15 and all(every.read(i) == blobs[i] for i in range(15))
+    two = resolve_source(str(tmp_path / "shards-{000,002}.tar"), cache_dir=cache_dir)
+    assert len(two) == 10 and two.read(5) == blobs[10]
+    assert check_source(str(tmp_path / "shards-{000..002}.tar")) == [str(tmp_path / f"shards-{s:03d}.tar")
+                                                                      for s in range(3)]
+    with pytest.raises(FileNotFoundError, match=r"2 of the 5 tar shards .* do not exist .*shards-003\.tar"):
+        resolve_source(str(tmp_path / "shards-{000..004}.tar"), cache_dir=cache_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_source(str(tmp_path / "missing_folder"))
