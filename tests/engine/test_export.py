@@ -272,7 +272,7 @@ def test_refuses_hostile_export_headers(coop_export, tmp_path, capsys, edit_head
     path = _rewrite(coop_export, tmp_path / "hostile.safetensors", edit_header=edit_header, edit_tensors=edit_tensors)
     with pytest.raises(ExportError, match=message):
         read_distilled(path)
-    assert run_cli("predict", tmp_path, "--model", path, "--device", "cpu") == 2
+    assert run_cli("predict", tmp_path, "--checkpoint", path, "--device", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("clipdistill predict: error: ") and "export header" in err[0], err
 
@@ -303,7 +303,7 @@ def test_refuses_an_embedded_backbone_that_does_not_fit(world, tmp_path, capsys)
         bad = _rewrite(path, tmp_path / "bad.safetensors", edit_tensors=edit)
         with pytest.raises(ExportError, match=rf"embedded backbone does not fit .*{message}"):
             load_export(bad)
-        assert run_cli("predict", tmp_path, "--model", bad, "--device", "cpu") == 2
+        assert run_cli("predict", tmp_path, "--checkpoint", bad, "--device", "cpu") == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

@@ -45,6 +45,10 @@ def test_a_second_run_is_refused_and_overwrite_moves_the_first_aside(shape_data,
     second = tiny_run_config(shape_data, tmp_path, train={"max_steps": 2, "checkpoint_every": 2, "keep_last": 2})
     with pytest.raises(ConfigError, match=rf"already holds run {first_id} .*--resume.*--overwrite"):
         distill(load_run_config(second), log=lambda m: None)  # refused before anything is built
+    with pytest.raises(ConfigError, match=r"train\.out_dir '.*a_file/run' cannot be written \(Not a directory\)"):
+        (tmp_path / "a_file").write_text("")
+        distill(load_run_config({**second, "train": {**second["train"], "out_dir": str(tmp_path / "a_file" / "run")}}),
+                log=lambda m: None)
     assert {p.name: p.read_bytes() for _, p in ckpt.list_checkpoints(tmp_path / "checkpoints")} == before
 
     logs: list[str] = []
@@ -140,7 +144,7 @@ def test_cli_errors_are_one_line(shape_data, tiny_run_config, tmp_path, capsys):
     config.write_text(yaml.safe_dump(tiny_run_config(shape_data, tmp_path / "run")))
     for overrides, message in (
         ([], "already holds run other (run.json); continue it with --resume"),
-        ([f"train.out_dir={tmp_path / 'a_file' / 'run'}"], "cannot be written (Not a directory)"),
+        ([f"train.out_dir={tmp_path / 'a_file' / 'run'}"], "train.out_dir"),
         (["--overwrite", "--resume"], "--resume and --overwrite exclude each other"),
         ([f"train.out_dir={tmp_path / 'lr'}", "optim.lr=1.0e+300"], "learning rate 1e+300 is out of range"),
     ):
