@@ -89,3 +89,17 @@ def test_wheels_are_loose_and_editable_installs_keep_the_installed_torch(tmp_pat
     loose = _metadata("prepare_metadata_for_build_editable", tmp_path / "loose",
                       {**env, "CLIPDISTILL_LOOSE_REQUIREMENTS": "1"})
     assert loose == wheel
+
+
+def test_importing_the_engine_makes_torchvision_importable(tmp_path):
+    """No explicit call: ``import clipdistill.engine`` applies the torchvision measure, so packages that
+    import torchvision afterwards (open_clip, Lightning, transformers) work next to a CPU torch too."""
+    state = _python(
+        "import clipdistill.engine\n"
+        "import torchvision\n"
+        "from torchvision import transforms\n"
+        "from clipdistill.engine._torchvision_compat import ensure_torchvision_importable\n"
+        "print(ensure_torchvision_importable())",
+        tmp_path,
+    )
+    assert state in ("native", "shimmed")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import clipdistill.engine  # noqa: F401  first: its torchvision measure (lightning and transformers import torchvision)
+# importing clipdistill.engine applies its torchvision measure: lightning and transformers import torchvision
 from clipdistill.engine.models import TINY_STUDENT, TINY_TEACHER
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
