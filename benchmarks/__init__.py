@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REGISTERED: tuple[str, ...] = ("bench_kd_loss", "bench_loader", "bench_teacher_cache", "bench_e2e")
+REGISTERED: tuple[str, ...] = ("bench_kd_loss", "bench_loader", "bench_teacher_cache", "bench_e2e", "bench_synthesis")
 
 
 def load(name: str) -> ModuleType:

@@ -32,6 +32,9 @@ Phases (``--phase``):
   the DALI GPU loader benchmark and the GPU loader tests.
 - ``deepspeed``: bench_zero_teacher's ZeRO-3 modes (issue 9), with DeepSpeed's wheels carried
   in ``.whl-ds``.
+- ``synthesis``: data-free synthesis images/s per generator (bench_synthesis: the synthesize
+  command's defaults, a random-init VQModel of taming's f16-1024 size), with diffusers carried in
+  ``.whl-syn``; a call after the core phase's, in the same window when time is left.
 
 benchmarks/README.md gives the exact device calls of a GPU window.
 """
@@ -64,10 +67,11 @@ MAX_OUT_FILES = 8  # the device tool returns at most 8 files from $OUT
 OUT_FILES = ("results.tar.gz", "summary.json", "suite.log")
 CORE_WHEELS = REPO_ROOT / ".whl"
 DEEPSPEED_WHEELS = REPO_ROOT / ".whl-ds"
+SYNTHESIS_WHEELS = REPO_ROOT / ".whl-syn"
 WHEELSETS = REPO_ROOT / "benchmarks" / "wheelsets"
 DEEPSPEED_MODES = ("throughput", "largest")
-PHASE_BUDGET_S = {"core": 510.0, "dali": 330.0, "deepspeed": 540.0}
-PHASE_TIMEOUT_S = {"core": 540, "dali": 360, "deepspeed": 570}  # the `timeout N` around the call (README)
+PHASE_BUDGET_S = {"core": 510.0, "dali": 330.0, "deepspeed": 540.0, "synthesis": 180.0}
+PHASE_TIMEOUT_S = {"core": 540, "dali": 360, "deepspeed": 570, "synthesis": 210}  # the `timeout N` around the call (README)
 # In the dry run a cap is the real one scaled down, but at least this: each step is a process that
 # imports torch, 5-20 s on 2 CPU cores shared with other work (measured here, 2026-11-30).
 DRY_RUN_MIN_CAP_S = 30.0
@@ -254,7 +258,17 @@ def deepspeed_steps(py_args: dict) -> list[Step]:
     return steps
 
 
-PHASES = {"core": core_steps, "dali": dali_steps, "deepspeed": deepspeed_steps}
+def synthesis_steps(py_args: dict) -> list[Step]:
+    return [
+        Step("install", 40, ".whl + .whl-syn (diffusers) + clipdistill", internal=install_synthesis),
+        Step("bench-synthesis", 140, "bench_synthesis: vqgan/fourier/pixel images/s, ViT-B-32, 224 px, B=8, 16 cutouts",
+             ["-m", "benchmarks.bench_synthesis"],
+             ["-m", "benchmarks.bench_synthesis", "--quick", "--steps-timed", "1", "--repeats", "1"],
+             parse_module="benchmarks.bench_synthesis"),
+    ]
+
+
+PHASES = {"core": core_steps, "dali": dali_steps, "deepspeed": deepspeed_steps, "synthesis": synthesis_steps}
 
 
 # ------------------------------------------------------------------------------------------- installs
@@ -348,6 +362,18 @@ def install_dali(suite: "Suite", deadline: float) -> tuple[str, str]:
               ("unmet: " + "; ".join(unmet)) if unmet else "every requirement met",
               _install_wheels(suite, joined + wheels, deadline), _install_clipdistill(suite, deadline)]
     return "ok", "; ".join(detail)
+
+
+def install_synthesis(suite: "Suite", deadline: float) -> tuple[str, str]:
+    wheels, check = _core_wheels(suite)
+    syn = sorted(SYNTHESIS_WHEELS.glob("*.whl")) if SYNTHESIS_WHEELS.is_dir() else []
+    problems = verify_wheels(SYNTHESIS_WHEELS, WHEELSETS / "synthesis.txt") if syn else []
+    detail = [check, ("; ".join(problems) if problems else f"{len(syn)} synthesis wheels, checksums ok") if syn
+              else "no .whl-syn carried (bash benchmarks/prepare_gpu_wheels.sh synthesis)"]
+    if wheels or syn:
+        detail.append(_install_wheels(suite, wheels + syn, deadline))
+    detail.append(_install_clipdistill(suite, deadline))
+    return ("ok" if (syn and not problems) or suite.dry_run else "warning"), "; ".join(detail)
 
 
 def install_deepspeed(suite: "Suite", deadline: float) -> tuple[str, str]:
@@ -567,7 +593,8 @@ def carry_checks(phase: str) -> list[dict]:
     tree = tree_bytes()
     rows = [{"check": "tree", "mib": round(tree / MIB, 2), "limit_mib": 64, "ok": tree < CARRY_LIMIT_BYTES,
              "detail": "git-tracked + untracked-not-ignored files"}]
-    calls = {"core": [[CORE_WHEELS]], "deepspeed": [[CORE_WHEELS, DEEPSPEED_WHEELS]]}.get(phase)
+    calls = {"core": [[CORE_WHEELS]], "deepspeed": [[CORE_WHEELS, DEEPSPEED_WHEELS]],
+             "synthesis": [[CORE_WHEELS, SYNTHESIS_WHEELS]]}.get(phase)
     if phase == "dali":
         parts = sorted(p for p in REPO_ROOT.glob(".dali[0-9]*") if p.is_dir())
         calls = [[p] for p in parts[:-1]] + [[parts[-1], CORE_WHEELS]] if parts else [[CORE_WHEELS]]

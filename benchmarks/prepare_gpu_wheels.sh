@@ -6,6 +6,7 @@
 #   bash benchmarks/prepare_gpu_wheels.sh dali        # -> .dali1 .. .daliN (DALI's full set, split; each
 #                                                      #    carry <= 55 MiB with the working tree)
 #   bash benchmarks/prepare_gpu_wheels.sh deepspeed   # -> .whl-ds/ (DeepSpeed built here + its dependencies)
+#   bash benchmarks/prepare_gpu_wheels.sh synthesis   # -> .whl-syn/ (diffusers + importlib_metadata, ~6.4 MB)
 #   bash benchmarks/prepare_gpu_wheels.sh all         # or several: core dali
 #
 # The GPU machine has Python 3.12, torch 2.11 (cu130), triton 3.6, torchvision 0.26, timm,
@@ -43,6 +44,12 @@ prepare_dali() {
   "$PY" benchmarks/gpu_wheels.py split --limit-mib "$LIMIT_MIB" --prefix .dali "${wheels[@]}"
 }
 
+prepare_synthesis() {
+  rm -rf .whl-syn && mkdir -p .whl-syn
+  download .whl-syn benchmarks/wheelsets/synthesis.txt
+  check_complete .whl-syn/*.whl
+}
+
 prepare_deepspeed() {
   rm -rf .whl-ds && mkdir -p .whl-ds
   # DeepSpeed's dependencies (the versions tested on the CPU; pydantic-core must match pydantic).
@@ -61,11 +68,12 @@ for what in "$@"; do
     core) prepare_core ;;
     dali) prepare_dali ;;
     deepspeed) prepare_deepspeed ;;
-    all) prepare_core; prepare_dali; prepare_deepspeed ;;
-    *) echo "usage: $0 core|dali|deepspeed|all ..." >&2; exit 2 ;;
+    synthesis) prepare_synthesis ;;
+    all) prepare_core; prepare_dali; prepare_deepspeed; prepare_synthesis ;;
+    *) echo "usage: $0 core|dali|deepspeed|synthesis|all ..." >&2; exit 2 ;;
   esac
 done
 folders=()
-for f in .whl .whl-ds .dali[0-9]*; do [ -d "$f" ] && folders+=("$f"); done
+for f in .whl .whl-ds .whl-syn .dali[0-9]*; do [ -d "$f" ] && folders+=("$f"); done
 du -sh "${folders[@]}" 2>/dev/null | sed 's/^/  /'
 "$PY" benchmarks/gpu_wheels.py sizes "${folders[@]}"

@@ -8,7 +8,8 @@ Knows nothing of models. The public names are imported on first use, so that
   loader.py and the backends in backends/ import)
 - :class:`RandomResizedCrop`, :class:`CenterCrop`, :func:`sample_views`,
   :func:`epoch_order`, :func:`rank_slots` (views.py)
-- :class:`SampleList`, :func:`resolve_source`, :class:`EmptySourceError` (sources.py)
+- :class:`SampleList`, :func:`resolve_source`, :func:`check_source`, :func:`expand_braces`,
+  :class:`EmptySourceError` (sources.py)
 - :func:`index_source`, :func:`validate` (index.py)
 
 DALI is optional (``pip install clipdistill[dali-cuda13]``); it is imported only
@@ -23,7 +24,8 @@ _EXPORTS = {
     "OutputSpec": "plan", "Reject": "plan", "CLIP_MEAN": "plan", "CLIP_STD": "plan",
     "RandomResizedCrop": "views", "CenterCrop": "views", "sample_views": "views",
     "epoch_order": "views", "rank_slots": "views", "ReplayViews": "views", "VIEWS_VERSION": "views",
-    "SampleList": "sources", "resolve_source": "sources", "EmptySourceError": "sources",
+    "SampleList": "sources", "resolve_source": "sources", "check_source": "sources", "expand_braces": "sources",
+    "EmptySourceError": "sources",
     "index_source": "index", "validate": "index",
 }
 

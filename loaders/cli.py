@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from .index import index_source
-from .sources import EmptySourceError
+from .sources import EmptySourceError, check_source
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -29,12 +29,12 @@ def register(subparsers) -> argparse.ArgumentParser:
             "Prints a one-line JSON summary last."
         ),
     )
-    parser.add_argument("source", help="folder, list file, .tar shard or glob of shards")
+    parser.add_argument("source", help="folder, list file, .tar shard, or a glob or brace pattern of shards "
+                                       "('shards-{00000..01023}.tar')")
     parser.add_argument("--out", required=True, help="path of the clean list to write")
     parser.add_argument("--rejects", default=None, help="path of the reject list (default: OUT.rejects.tsv)")
     parser.add_argument("--decode", action="store_true", help="also decode every image fully (slow)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--rescan", action="store_true", help="rescan the source even if a saved list exists")
     parser.add_argument("--cache-dir", default=None, help="where scanned lists are kept")
     parser.set_defaults(func=run_index)
@@ -44,18 +44,19 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run_index(args: argparse.Namespace) -> int:
     """Run ``index`` on parsed arguments; returns the exit code (0, or 2 on a bad source)."""
     try:
+        check_source(args.source)
         summary = index_source(
             args.source,
             args.out,
             rejects_out=args.rejects,
             decode=args.decode,
             workers=args.workers,
-            progress=not args.no_progress and sys.stderr.isatty(),
+            progress=not getattr(args, "no_progress", False) and sys.stderr.isatty(),
             cache_dir=args.cache_dir,
             rescan=args.rescan,
         )
     except (EmptySourceError, FileNotFoundError, ValueError) as exc:
-        print(f"clipdistill index: {exc}", file=sys.stderr)
+        print(f"clipdistill index: error: {exc}", file=sys.stderr)
         return 2
     print(
         f"checked {summary['total']} files in {summary['seconds']} s ({summary['files_per_s']} files/s): "
@@ -68,7 +69,9 @@ def run_index(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipdistill")
-    register(parser.add_subparsers(dest="command", required=True))
+    index = register(parser.add_subparsers(dest="command", required=True))
+    # `clipdistill` gives every command this flag; alone, the index command adds its own.
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -34,6 +34,10 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
 TOO_LARGE = "too_large"
+# Entries a folder scan does not list (see sources.walk_folder).
+SYMLINK_LOOP = "symlink_loop"
+DUPLICATE = "duplicate"
+UNSUPPORTED = "unsupported"
 
 # A default bound on width*height: 2**27 pixels (e.g. 11585 x 11585) decodes to
 # 384 MiB of RGB; larger files are rejected rather than risking the host or GPU.
@@ -142,20 +146,135 @@ def image_size(data: bytes):
     return img, img.size
 
 
+# PIL modes of pixels deeper than 8 bits that the loaders scale to 8 bits as DALI does:
+# 16-bit integers by x / 257 (0..65535 -> 0..255), 32-bit floats by x * 255 (0..1 -> 0..255), rounded.
+# 32-bit integer pixels (mode "I", e.g. some TIFFs) have no such range: DALI refuses them, and so do we.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+FLOAT_MODES = frozenset({"F"})
+REFUSED_MODES = {"I": "32-bit integer pixels (PIL mode I): no defined 8-bit range"}
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Parse an encoded image's header (no decoding): (reason or None, detail, PIL image, (width, height)).
+
+    The one header check of ``index --decode`` and of the training backends, so both name a
+    file the same way: images over ``max_pixels`` (and PIL's decompression bombs) are
+    ``too_large``, pixel modes without an 8-bit range ``unsupported_format``, the rest of a
+    header that does not parse ``decode_error``.
+    """
+    try:
+        img, (width, height) = image_size(data)
+    except Image.DecompressionBombError as exc:
+        return TOO_LARGE, str(exc)[:200], None, None
+    except Exception as exc:  # PIL: UnidentifiedImageError, SyntaxError, struct.error ...
+        return DECODE_ERROR, f"header: {type(exc).__name__}: {exc}"[:200], None, None
+    if width * height > max_pixels:
+        return TOO_LARGE, f"{width}x{height} > {max_pixels} pixels", None, None
+    if width < 1 or height < 1:
+        return DECODE_ERROR, f"header: size {width}x{height}", None, None
+    if img.mode in REFUSED_MODES:
+        return UNSUPPORTED_FORMAT, REFUSED_MODES[img.mode], None, None
+    return None, "", img, (width, height)
+
+
 def full_decode_check(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
     """Cheap check, then a full PIL decode (what ``clipdistill index --decode`` runs)."""
     reason, detail = check_bytes(data)
     if reason is not None:
         return reason, detail
+    reason, why, img, _ = open_image(data, max_pixels)
+    if reason is not None:
+        return reason, why
     try:
-        img, (width, height) = image_size(data)
-        if width * height > max_pixels:
-            return TOO_LARGE, f"{width}x{height} > {max_pixels} pixels"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
+        load_checked(img, data)
+    except TruncatedImage as exc:
+        return TRUNCATED, str(exc)
     except Image.DecompressionBombError as exc:
         return TOO_LARGE, str(exc)[:200]
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, struct.error ...
         return DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]
     return None, detail
+
+
+class TruncatedImage(OSError):
+    """An image whose data ends before its last row, though its end marker is there."""
+
+
+def load_checked(img, data: bytes | None = None) -> None:
+    """Decode ``img`` (a PIL image from :func:`open_image` of ``data``) in place.
+
+    With ``data``, a sequential JPEG is decoded in two parts to catch a file cut short
+    whose end marker was put back (FF D9 after a truncated scan): libjpeg then fills the
+    missing rows with grey, warns, and PIL ignores the warning. Fed everything up to its
+    final end marker, a complete file's scan yields every row but at most the last two MCU
+    rows (the decoder waits for the marker before it ends the last one); a truncated file
+    stops where its data stops, so a cut more than two MCU rows (16 to 32 rows) before the end
+    is found. The rest is then fed, so the image is decoded once.
+
+    Raises:
+        TruncatedImage: more rows than two MCU rows were missing before the end marker.
+        OSError, ValueError, ...: whatever PIL raises on bad data.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if data is not None and img.format == "JPEG" and not img.info.get("progressive") and len(img.tile) == 1:
+            _load_jpeg_checked(img, data)
+        img.load()
+
+
+# Values no decoder is expected to fill whole rows with: the rows still equal to them after the
+# first part are those not decoded yet (one match is verified with the second value).
+_SENTINELS = ({"L": 3, "RGB": (3, 251, 6), "CMYK": (3, 251, 6, 250)},
+              {"L": 252, "RGB": (250, 4, 249), "CMYK": (250, 4, 249, 5)})
+
+
+def _load_jpeg_checked(img, data: bytes) -> None:
+    end = data.rfind(_JPEG_EOI)
+    if img.mode not in _SENTINELS[0] or end < 0:
+        return  # img.load() decodes it as usual
+    # libjpeg holds back up to two MCU rows (the last one, and one for upsampling's context).
+    allowed = 16 * max((v for _, _, v, _ in getattr(img, "layer", [])), default=2)
+    missing, core = _rows_before_eoi(img, data, end, _SENTINELS[0][img.mode])
+    if missing > allowed:
+        missing = min(missing, _rows_before_eoi(img, data, end, _SENTINELS[1][img.mode], finish=False)[0])
+    if missing > allowed:
+        raise TruncatedImage(f"jpeg data ends {missing} of {img.size[1]} rows before the last "
+                             "(an end marker follows the cut)")
+    if core is not None:
+        img.im = core
+        img.tile = []
+
+
+def _rows_before_eoi(img, data: bytes, end: int, sentinel, finish: bool = True):
+    """(rows not decoded from the data before the final EOI, the finished core image or None)."""
+    decoder_name, extents, offset, args = img.tile[0]
+    core = Image.core.fill(img.mode, img.size, sentinel)
+    decoder = Image._getdecoder(img.mode, decoder_name, args, img.decoderconfig)
+    try:
+        decoder.setimage(core, extents)
+        used, err = decoder.decode(data[offset:end])
+        if used < 0:  # finished without the marker: nothing can be missing
+            return (0, core if err >= 0 and finish else None)
+        if err < 0:
+            raise OSError(f"decoder error {err}")
+        missing = _trailing_rows_equal(img._new(core), sentinel)
+        if not finish:
+            return missing, None
+        used2, err = decoder.decode(data[offset + used:end + 2])
+        if used2 >= 0 or err < 0:
+            return missing, None  # not finished: let img.load() decode (and raise) as usual
+        return missing, core
+    finally:
+        decoder.cleanup()
+
+
+def _trailing_rows_equal(img, value) -> int:
+    """How many rows at the bottom of ``img`` hold ``value`` in every pixel."""
+    width, height = img.size
+    target = bytes(value if isinstance(value, tuple) else (value,)) * width
+    rows = img.tobytes()
+    stride = len(target)
+    count = 0
+    while count < height and rows[(height - 1 - count) * stride:(height - count) * stride] == target:
+        count += 1
+    return count

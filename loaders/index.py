@@ -7,8 +7,11 @@ back), in chunks, with a progress bar on stderr. Outputs:
 
 - the clean list (a :class:`SampleList` file of the samples that passed, in the
   source's order, ids renumbered from 0);
-- the reject list: ``location<TAB>reason<TAB>detail`` per rejected sample;
-- a summary ``{"total", "valid", "rejected", "reasons": {reason: count}}``.
+- the reject list: ``location<TAB>reason<TAB>detail`` per rejected sample, and per
+  entry the scan did not list (:attr:`SampleList.skipped`: symlink loops,
+  duplicates, unsupported kinds, unreadable folders, truncated shards);
+- a summary ``{"total", "valid", "rejected", "reasons": {reason: count}}``, where
+  ``total`` counts both (``valid + rejected == total``).
 """
 from __future__ import annotations
 
@@ -158,17 +161,23 @@ def index_source(
     samples.subset(np.flatnonzero(~rejected)).save(out)
     rejects_path = Path(rejects_out) if rejects_out is not None else out.with_name(out.name + ".rejects.tsv")
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    found = [(samples.location(i), reason, detail) for i, reason, detail in rejects] + list(samples.skipped)
     with open(rejects_path, "w", encoding="utf-8", errors="surrogateescape") as fh:
         fh.write("# location\treason\tdetail\n")
-        for i, reason, detail in rejects:
-            fh.write(f"{samples.location(i)}\t{reason}\t{detail.replace(chr(9), ' ').replace(chr(10), ' ')}\n")
+        for location, reason, detail in found:
+            fh.write(f"{_one_field(location)}\t{reason}\t{_one_field(detail)}\n")
     return {
-        "total": len(samples),
+        "total": len(samples) + len(samples.skipped),
         "valid": int(len(samples) - rejected.sum()),
-        "rejected": len(rejects),
-        "reasons": dict(sorted(Counter(r for _, r, _ in rejects).items())),
+        "rejected": len(found),
+        "reasons": dict(sorted(Counter(r for _, r, _ in found).items())),
         "seconds": round(seconds, 3),
         "files_per_s": round(len(samples) / seconds, 1) if seconds > 0 else None,
         "out": str(out),
         "rejects": str(rejects_path),
     }
+
+
+def _one_field(text: str) -> str:
+    """A TSV field: tabs and line breaks (which a file name may hold) written as escapes."""
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")

@@ -178,15 +178,10 @@ class Planner:
         # Format and emptiness are always checked; the end-marker check only with precheck.
         if reason is not None and (self.precheck or reason != formats.TRUNCATED):
             return reason, detail, None, None, None
-        try:
-            img, (width, height) = formats.image_size(data)
-        except Exception as exc:  # PIL: UnidentifiedImageError, SyntaxError, struct.error ...
-            return formats.DECODE_ERROR, f"header: {type(exc).__name__}: {exc}", None, None, None
-        if width * height > self.max_pixels:
-            return formats.TOO_LARGE, f"{width}x{height} > {self.max_pixels} pixels", None, None, None
-        if width < 1 or height < 1:
-            return formats.DECODE_ERROR, f"header: size {width}x{height}", None, None, None
-        return None, "", data, img if open_image else None, (width, height)
+        reason, detail, img, size = formats.open_image(data, self.max_pixels)
+        if reason is not None:
+            return reason, detail, None, None, None
+        return None, "", data, img if open_image else None, size
 
 
 def normalize_hwc_uint8(images: torch.Tensor, spec: OutputSpec, dtype: torch.dtype,

@@ -19,34 +19,63 @@ data starts. Lines starting with ``#`` are comments. A plain text file of paths
 
 Sources accepted by :func:`resolve_source`:
 
-- a folder: scanned recursively with ``os.scandir`` (no per-file stat; hidden
-  files and folders are skipped), images recognized by extension, sorted by
-  relative path;
+- a folder: walked recursively with ``os.scandir`` (no per-file stat), following
+  each symbolic link once (:func:`walk_folder`), images recognized by extension,
+  sorted by relative path; what is not listed (hidden names, other kinds, loops,
+  duplicates, dangling links, unreadable folders) is kept with its reason in
+  :attr:`SampleList.skipped`;
 - a text list file (``.txt``, ``.list``, ...): used as is;
-- WebDataset-style tar shards: a ``.tar`` path, a glob (``"shards/*.tar"``) or a
-  list of ``.tar`` paths; each shard gets an index file ``<shard>.idx`` (member,
-  offset, size of its images) made when missing.
+- WebDataset-style tar shards: a ``.tar`` path, a glob (``"shards/*.tar"``), a
+  brace pattern (``"shards-{00000..01023}.tar"``, ``"{train,extra}/*.tar"``; see
+  :func:`expand_braces`) or a list of ``.tar`` paths; each shard gets an index
+  file ``<shard>.idx`` (member, offset, size of its images) made when missing. A
+  shard that is not a tar, or is truncated, is skipped with its reason (its
+  complete members are kept); the other shards are used. Non-image members
+  (captions, JSON) are not counted.
 
 Folder and shard sources are saved under a cache folder (``cache_dir``, else
-``$CLIPDISTILL_CACHE``, else ``~/.cache/clipdistill``) keyed by the source path.
+``$CLIPDISTILL_CACHE``, else ``~/.cache/clipdistill``) keyed by the source path,
+with a record of the source's state beside the list (``<key>.state.json``: the
+mtime of every folder walked, the size and mtime of every shard). Before a
+saved list is used, that state is compared with the source's (one ``stat`` per
+folder): files added, removed or renamed change their folder's mtime, and the
+source is scanned again, with a warning that says so. A resumed run passes
+``keep_saved=True``: it keeps the list it started with (its checkpoints hold
+that list's digest) and the warning says the source changed.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import heapq
+import json
 import logging
 import os
+import re
+import stat
 import tarfile
+import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import formats
+from .formats import DUPLICATE, SYMLINK_LOOP, UNSUPPORTED
+
 logger = logging.getLogger("clipdistill.loaders")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# Image kinds the loaders do not decode: counted as unsupported in tar shards too (other members are captions).
+OTHER_IMAGE_EXTENSIONS = frozenset({".gif", ".jp2", ".j2k", ".jpx", ".heic", ".heif", ".avif", ".jxl", ".svg",
+                                    ".ico", ".tga", ".psd", ".pbm", ".pgm", ".ppm", ".pnm", ".exr", ".dng"})
 LIST_HEADER = "# clipdistill sample list v1"
+# A folder whose mtime is this close to the start of its scan may change again within the same
+# timestamp tick unseen: its saved list is not trusted (scanned again, quietly) -- git's "racy clean".
+_RACY_NS = 2_000_000_000
 
 
 class EmptySourceError(ValueError):
@@ -64,6 +93,8 @@ class SampleList:
             None when no sample is a tar member.
         offsets: int64 (N,), data offset inside the shard (-1 for plain files); or None.
         sizes: int64 (N,), member size in bytes (-1 for plain files); or None.
+        skipped: (location, reason, detail) of each entry of the scanned source that is not a
+            sample (see :func:`walk_folder`); not part of the list's identity (:meth:`digest`).
     """
 
     root: str
@@ -71,6 +102,7 @@ class SampleList:
     members: list[str] | None = None
     offsets: np.ndarray | None = None
     sizes: np.ndarray | None = None
+    skipped: list = field(default_factory=list, compare=False)
     _fds: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -199,39 +231,182 @@ class SampleList:
         )
 
 
-def scan_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[str]:
-    """Relative paths of the image files under ``root``, sorted.
+@dataclass
+class FolderScan:
+    """What one walk of a folder found.
 
-    Uses ``os.scandir`` only: directory entries carry their type, so no file is
-    stat'ed. Hidden entries (names starting with ".") are skipped; paths with a
-    tab or newline (which the list format cannot hold) are skipped with a warning.
+    Attributes:
+        paths: the image files, relative to the folder, sorted.
+        skipped: (relative path, reason, detail) of each entry not listed (see :data:`SKIP_REASONS`), sorted.
+        dirs: (relative path, mtime in ns) of every directory listed: the folder's state, to revalidate a saved list.
+    """
+
+    paths: list[str]
+    skipped: list[tuple[str, str, str]]
+    dirs: list[tuple[str, int]]
+
+
+def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> FolderScan:
+    """Walk ``root`` recursively, following each symbolic link once; never stops at a bad entry.
+
+    Uses ``os.scandir``: directory entries carry their type, so only directories and
+    symbolic links are stat'ed, never a plain file. Every real directory is listed once,
+    whatever links lead to it: plain directories first, then linked ones in the order of
+    their paths (so which path names a folder reached twice does not depend on the
+    file system's listing order); a link back to a folder already listed is a
+    ``symlink_loop`` (to an enclosing folder) or a ``duplicate``. A file link whose target
+    is also listed is a ``duplicate``; a link that loops or points nowhere, a folder that
+    cannot be listed, hidden names, other extensions and special files are skipped with
+    their reason (``symlink_loop``, ``missing``, ``unreadable``, ``unsupported``).
     """
     root = os.fspath(root)
+    top = os.stat(root)
+    seen_dirs: dict[tuple[int, int], str] = {(top.st_dev, top.st_ino): ""}
+    plain: list[tuple[str, os.stat_result]] = [("", top)]  # folders reached by real names: walked first
+    linked: list[str] = []  # heap of the relative paths of linked folders, walked in path order
     found: list[str] = []
-    skipped = 0
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
+    skipped: list[tuple[str, str, str]] = []
+    dirs: list[tuple[str, int]] = []
+    file_links: list[tuple[str, tuple[int, int]]] = []  # (relative path, (st_dev, st_ino) of the target)
+    devices, inodes = array("Q"), array("Q")  # of each plain file listed, to find links to them (16 bytes a file)
+
+    def enter(rel: str, st: os.stat_result) -> None:
+        ident = (st.st_dev, st.st_ino)
+        first = seen_dirs.get(ident)
+        if first is None:
+            seen_dirs[ident] = rel
+            plain.append((rel, st))
+        elif first == "" or rel.startswith(first + "/"):
+            skipped.append((rel, SYMLINK_LOOP, f"links back to the enclosing folder {first or '.'!r}"))
+        else:
+            skipped.append((rel, DUPLICATE, f"the same folder as {first!r}, listed there"))
+
+    while plain or linked:
+        if not plain:
+            rel = heapq.heappop(linked)
+            try:
+                st = os.stat(os.path.join(root, rel))
+            except OSError as exc:
+                skipped.append((rel, _link_reason(exc), _os_detail(exc)))
+                continue
+            enter(rel, st)
+            continue
+        rel_dir, dir_stat = plain.pop()
+        dirs.append((rel_dir, dir_stat.st_mtime_ns))
         try:
             with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
-                for entry in it:
-                    name = entry.name
-                    if name.startswith("."):
-                        continue
-                    rel = f"{rel_dir}/{name}" if rel_dir else name
-                    if entry.is_dir():
-                        stack.append(rel)
-                    elif os.path.splitext(name)[1].lower() in extensions:
-                        if "\t" in rel or "\n" in rel or "\r" in rel:
-                            skipped += 1
-                            continue
-                        found.append(rel)
+                entries = list(it)
         except OSError as exc:
-            logger.warning("clipdistill.loaders: cannot scan %s: %s", os.path.join(root, rel_dir), exc)
-    if skipped:
-        logger.warning("clipdistill.loaders: skipped %d files whose names hold a tab or newline", skipped)
+            skipped.append((rel_dir or ".", formats.UNREADABLE, f"cannot list this folder: {_os_detail(exc)}"))
+            continue
+        for entry in entries:
+            name = entry.name
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+                    # the common case, kept lean: a plain file (d_type from the listing, no stat)
+                    if name[0] != "." and name[name.rfind("."):].lower() in extensions \
+                            and entry.is_file(follow_symlinks=False) and _listable(rel):
+                        found.append(rel)
+                        devices.append(dir_stat.st_dev)
+                        inodes.append(entry.inode())
+                    else:
+                        mode = stat.S_IFREG if entry.is_file(follow_symlinks=False) else 0
+                        skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, mode, extensions)))
+                    continue
+                if name.startswith("."):
+                    skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, 0, extensions)))
+                    continue
+                if not entry.is_symlink():
+                    enter(rel, entry.stat(follow_symlinks=False))
+                    continue
+                target = os.stat(entry.path)
+            except OSError as exc:
+                skipped.append((rel, _link_reason(exc), _os_detail(exc)))
+                continue
+            if stat.S_ISDIR(target.st_mode):
+                heapq.heappush(linked, rel)
+                continue
+            why = _unlisted(rel, name, target.st_mode, extensions)
+            if why is not None:
+                skipped.append((rel, UNSUPPORTED, why))
+            else:
+                file_links.append((rel, (target.st_dev, target.st_ino)))
+    if file_links:  # a link to a file listed under its own name (or by an earlier link) is a duplicate
+        file_links.sort()
+        wanted = {ident for _, ident in file_links}
+        plain_files = {ident: found[i] for i, ident in enumerate(zip(devices, inodes)) if ident in wanted}
+        targets: dict[tuple[int, int], str] = {}
+        for rel, ident in file_links:
+            first = plain_files.get(ident) or targets.setdefault(ident, rel)
+            if first != rel:
+                skipped.append((rel, DUPLICATE, f"links to the same file as {first!r}, listed there"))
+            else:
+                found.append(rel)
     found.sort()
-    return found
+    skipped.sort()
+    dirs.sort()
+    return FolderScan(found, skipped, dirs)
+
+
+def scan_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Relative paths of the image files under ``root``, sorted (:func:`walk_folder`'s ``paths``).
+
+    What is not listed is logged in one warning line per reason, with a count.
+    """
+    scan = walk_folder(root, extensions)
+    log_skipped(os.fspath(root), scan.skipped)
+    return scan.paths
+
+
+def log_skipped(source: str, skipped: list) -> None:
+    """One warning naming how many entries of ``source`` were skipped, by reason, and the first few."""
+    if skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(_count(r for _, r, _ in skipped).items()))
+        first = "; ".join(f"{loc}: {r} ({d})" for loc, r, d in skipped[:3])
+        logger.warning("clipdistill.loaders: %s: %d entries not used (%s): %s%s", source, len(skipped), reasons,
+                       first, "; ..." if len(skipped) > 3 else "")
+
+
+def _count(items) -> dict:
+    counts: dict = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def _link_reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return SYMLINK_LOOP
+    if isinstance(exc, FileNotFoundError):
+        return formats.MISSING
+    return formats.UNREADABLE
+
+
+def _os_detail(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link that leads back to itself"
+    if isinstance(exc, FileNotFoundError):
+        return "a symbolic link to nothing"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def _listable(rel: str) -> bool:
+    return "\t" not in rel and "\n" not in rel and "\r" not in rel
+
+
+def _unlisted(rel: str, name: str, mode: int, extensions: frozenset[str]) -> str | None:
+    """Why an entry that is not a folder is not a sample, or None when it is one."""
+    if name.startswith("."):
+        return "hidden name (starts with '.')"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in extensions:
+        return f"not an image kind the loaders decode ({ext or 'no extension'})"
+    if not _listable(rel):
+        return "a tab or newline in its path (the list format cannot hold it)"
+    return None
 
 
 def tar_index(shard: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> list[tuple[str, int, int]]:
@@ -240,25 +415,61 @@ def tar_index(shard: str | os.PathLike, *, cache_dir: str | os.PathLike | None =
     Read from ``<shard>.idx`` when present and newer than the shard; otherwise
     built by walking the tar headers and written next to the shard (or under
     ``cache_dir`` when the shard's folder is read-only).
+
+    Raises:
+        ValueError: the shard is not a plain tar, or is truncated (:func:`tar_members` keeps what is complete).
+    """
+    entries, skipped = tar_members(shard, cache_dir=cache_dir)
+    bad = [detail for _, reason, detail in skipped if reason != UNSUPPORTED]
+    if bad:
+        raise ValueError(f"{os.fspath(shard)}: {bad[0]}")
+    return entries
+
+
+def tar_members(shard: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None):
+    """A shard's image members and what was skipped: (entries, [(location, reason, detail)]).
+
+    A shard that is not a plain tar is skipped whole (``unknown_format``); a truncated one
+    (a header or a member's data cut off, or no end-of-archive blocks) keeps the members
+    that lie wholly inside the file and is named with ``truncated``. Its index file is not
+    written, so the next scan looks again. Members of image kinds the loaders do not decode
+    (GIF, ...) are ``unsupported``.
     """
     shard = os.fspath(shard)
     candidates = [shard + ".idx", os.path.join(_cache_dir(cache_dir), "tar", _key(shard) + ".idx")]
-    shard_mtime = os.stat(shard).st_mtime
+    shard_stat = os.stat(shard)
     for idx in candidates:
-        if os.path.exists(idx) and os.stat(idx).st_mtime >= shard_mtime:
+        if os.path.exists(idx) and os.stat(idx).st_mtime >= shard_stat.st_mtime:
             with open(idx, encoding="utf-8", errors="surrogateescape") as fh:
                 rows = [line.rstrip("\n").split("\t") for line in fh if line.strip()]
-            return [(name, int(off), int(size)) for name, off, size in rows]
-    entries = []
+            return [(name, int(off), int(size)) for name, off, size in rows], []
+    entries, skipped, problem = [], [], None
+    end = 0
     try:
         with tarfile.open(shard, mode="r:") as tar:
             for member in tar:
-                if member.isfile() and os.path.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS:
-                    if "\t" in member.name or "\n" in member.name:
-                        continue
+                ext = os.path.splitext(member.name)[1].lower()
+                if member.isfile() and ext in OTHER_IMAGE_EXTENSIONS:
+                    skipped.append((f"{shard}:{member.name}", UNSUPPORTED,
+                                    f"not an image kind the loaders decode ({ext})"))
+                elif member.isfile() and ext in IMAGE_EXTENSIONS and "\t" not in member.name \
+                        and "\n" not in member.name:
                     entries.append((member.name, member.offset_data, member.size))
+            end = tar.offset
     except tarfile.ReadError as exc:
-        raise ValueError(f"{shard}: not an uncompressed tar file ({exc}); shards must be plain .tar") from exc
+        problem = str(exc)
+    complete = [e for e in entries if e[1] + e[2] <= shard_stat.st_size]
+    if problem is None and shard_stat.st_size - end < tarfile.BLOCKSIZE:
+        problem = "no end-of-archive blocks"
+    if problem is not None:
+        if not entries and "end of data" not in problem and "truncated" not in problem:
+            skipped.append((shard, formats.UNKNOWN_FORMAT,
+                            f"not an uncompressed tar file ({problem}); shards must be plain .tar"))
+        else:
+            skipped.append((shard, formats.TRUNCATED,
+                            f"truncated tar ({problem}) at {shard_stat.st_size} bytes: {len(complete)} complete "
+                            f"image members kept, {len(entries) - len(complete)} cut off, any later ones lost"))
+        return complete, skipped
     text = "".join(f"{n}\t{o}\t{s}\n" for n, o, s in entries)
     for idx in candidates:
         try:
@@ -270,7 +481,7 @@ def tar_index(shard: str | os.PathLike, *, cache_dir: str | os.PathLike | None =
             break
         except OSError:
             continue
-    return entries
+    return entries, skipped
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> str:
@@ -284,12 +495,53 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The paths a WebDataset-style brace pattern names, in order.
+
+    ``{a,b}`` is a choice and ``{0..9}`` or ``{00000..01023}`` an inclusive numeric range (zero-padded
+    to the width of its bounds when either has a leading zero); several braces give every
+    combination, left to right. A pattern without braces is returned as the only item;
+    ``"{}"`` or a brace with one item and no ``..`` stay literal (not a pattern).
+
+    Raises:
+        ValueError: a range that runs backwards (``{9..0}``).
+    """
+    match = next((m for m in _BRACE.finditer(pattern) if "," in m.group(1) or _RANGE.match(m.group(1))), None)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+        lo, hi = numeric.group(1), numeric.group(2)
+        if int(hi) < int(lo):
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} runs backwards; write {{{hi}..{lo}}}")
+        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [path for choice in choices for path in expand_braces(head + choice + tail)]
+
+
 def _shard_paths(source: str | Sequence[str]) -> list[str] | None:
-    """The shard paths a source names, or None when it names no tar shards."""
+    """The shard paths a source names, or None when it names no tar shards.
+
+    Brace patterns are expanded first; each expanded path may still be a glob.
+    """
     if isinstance(source, (list, tuple)):
         items = [os.fspath(s) for s in source]
         return sorted(items) if items and all(s.endswith(".tar") for s in items) else None
     source = os.fspath(source)
+    expanded = expand_braces(source)
+    if len(expanded) > 1:
+        if not all(p.endswith(".tar") for p in expanded):
+            return None
+        return sorted({s for p in expanded for s in (glob.glob(p) if any(c in p for c in "*?[") else [p])})
     if any(ch in source for ch in "*?["):
         return sorted(glob.glob(source))
     if source.endswith(".tar"):
@@ -297,11 +549,43 @@ def _shard_paths(source: str | Sequence[str]) -> list[str] | None:
     return None
 
 
+def check_source(source: "str | os.PathLike | Sequence[str] | SampleList") -> list[str] | None:
+    """Check, without scanning or reading images, that a source can be resolved; return its shard paths.
+
+    For a command to call before it builds any model: a missing folder or list file, a shard
+    pattern that matches nothing, and named shards that do not exist fail here, in one line.
+
+    Returns:
+        the tar shard paths the source names (brace patterns and globs expanded), or None for a
+        folder, a list file or a :class:`SampleList`.
+
+    Raises:
+        FileNotFoundError: the folder, list file or some of the shards do not exist.
+        EmptySourceError: a shard pattern that matches no file.
+    """
+    if isinstance(source, SampleList):
+        return None
+    shards = _shard_paths(source)
+    if shards is None:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"source {str(path)!r} does not exist (expected a folder, a list file or tar shards)")
+        return None
+    if not shards:
+        raise EmptySourceError(f"no tar shards match {source!r}")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(shards)} tar shards {source!r} names do not exist "
+                                f"(the first: {missing[0]!r})")
+    return shards
+
+
 def resolve_source(
     source: "str | os.PathLike | Sequence[str] | SampleList",
     *,
     cache_dir: str | os.PathLike | None = None,
     rescan: bool = False,
+    keep_saved: bool = False,
 ) -> SampleList:
     """Resolve a source to its stable, ordered :class:`SampleList`.
 
@@ -310,6 +594,8 @@ def resolve_source(
             of shard paths, or an existing SampleList (returned as is).
         cache_dir: where scanned lists are saved (see the module docstring).
         rescan: scan again even if a saved list exists.
+        keep_saved: use the saved list even when the source changed since it was
+            saved (a resumed run), with a warning that names the change.
 
     Raises:
         EmptySourceError: the source holds no images.
@@ -319,55 +605,132 @@ def resolve_source(
         if len(source) == 0:
             raise EmptySourceError("the sample list is empty: there is nothing to load")
         return source
-    shards = _shard_paths(source)
+    shards = check_source(source)
     if shards is None:
         path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"source {str(path)!r} does not exist (expected a folder, a list file or tar shards)")
         if path.is_file():
             samples = SampleList.load(path)
             if len(samples) == 0:
                 raise EmptySourceError(f"list file {str(path)!r} names no images")
             return samples
+    what = f"tar shards {source!r}" if shards is not None else f"folder {os.fspath(source)!r}"
     key = _key(repr(sorted(os.path.abspath(s) for s in shards)) if shards is not None else os.path.abspath(source))
     saved = Path(_cache_dir(cache_dir)) / "lists" / f"{key}.list"
+    record = saved.with_name(f"{key}.state.json")
+    old, change = None, None
     if saved.exists() and not rescan:
-        samples = SampleList.load(saved)
-        logger.info("clipdistill.loaders: %d samples from the saved list %s", len(samples), saved)
+        old = SampleList.load(saved)
+        state = _read_state(record)
+        change = _state_change(state, old.root, shards)
+        if change is None or keep_saved:
+            if change not in (None, "racy"):
+                logger.warning("clipdistill.loaders: %s changed since this run's list was saved (%s); the run keeps "
+                               "its list of %d images (%s); start a new run to use the change", what, change,
+                               len(old), saved)
+            old.skipped = [tuple(x) for x in (state or {}).get("skipped", [])]
+            log_skipped(what, old.skipped)
+            logger.info("clipdistill.loaders: %d samples from the saved list %s", len(old), saved)
+            _check_not_empty(old, what)
+            return old
+        if change != "racy":
+            logger.warning("clipdistill.loaders: %s changed since its list was saved (%s); scanning it again",
+                           what, change)
+    samples, state = _scan(source, shards, cache_dir)
+    _check_not_empty(samples, what)
+    samples.save(saved)
+    _write_state(record, state, samples.skipped)
+    log_skipped(what, samples.skipped)
+    if old is not None:
+        before = {old.location(i) for i in range(len(old))}
+        now = {samples.location(i) for i in range(len(samples))}
+        added, gone = len(now - before), len(before - now)
+        logger.log(logging.INFO if change == "racy" and not added and not gone else logging.WARNING,
+                   "clipdistill.loaders: %s scanned again: %d samples (%d added, %d gone); list saved to %s",
+                   what, len(samples), added, gone, saved)
     else:
-        samples = _scan(source, shards, cache_dir)
-        if len(samples) == 0:
-            what = f"tar shards {source!r}" if shards is not None else f"folder {os.fspath(source)!r}"
-            raise EmptySourceError(
-                f"no images found in {what} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                "check the path, or pass a list file"
-            )
-        samples.save(saved)
         logger.info("clipdistill.loaders: scanned %d samples, list saved to %s", len(samples), saved)
-    if len(samples) == 0:
-        raise EmptySourceError(f"the saved list {saved} is empty; rescan with rescan=True")
     return samples
 
 
-def _scan(source, shards: list[str] | None, cache_dir) -> SampleList:
+def _check_not_empty(samples: SampleList, what: str) -> None:
+    if len(samples) == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(_count(r for _, r, _ in samples.skipped).items()))
+        raise EmptySourceError(
+            f"no images found in {what} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}"
+            + (f"; skipped: {reasons}" if reasons else "") + "); check the path, or pass a list file"
+        )
+
+
+def _read_state(record: Path) -> dict | None:
+    try:
+        state = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("version") == 1 else None
+
+
+def _write_state(record: Path, state: dict, skipped: list) -> None:
+    tmp = record.with_name(record.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(dict(state, version=1, skipped=[list(x) for x in skipped])), encoding="utf-8")
+    os.replace(tmp, record)
+
+
+def _state_change(state: dict | None, root: str, shards: list[str] | None) -> str | None:
+    """How a source differs from its saved state: None (unchanged), "racy" (saved while it
+    was being written: not trusted) or a short description of the first difference."""
+    if state is None:
+        return "no record of its state beside the saved list (saved by an older version, or damaged)"
+    try:
+        if shards is not None:
+            for path, size, mtime_ns in state["shards"]:
+                st = os.stat(path)
+                if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                    return f"shard {path!r} was rewritten"
+            return None
+        racy = False
+        for rel, mtime_ns in state["dirs"]:
+            mtime = os.stat(os.path.join(root, rel) if rel else root).st_mtime_ns
+            if mtime != mtime_ns:
+                return f"files were added, removed or renamed in {rel or '.'!r}"
+            racy |= mtime_ns > state["scanned_ns"] - _RACY_NS
+    except FileNotFoundError as exc:
+        return f"{exc.filename!r} is gone"
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        return f"its state cannot be checked ({type(exc).__name__}: {exc})"
+    return "racy" if racy else None
+
+
+def _scan(source, shards: list[str] | None, cache_dir) -> tuple[SampleList, dict]:
+    """The source's samples and the state to save beside them."""
     if shards is None:
         root = os.path.abspath(source)
-        return SampleList(root=root, paths=scan_folder(root))
+        scanned_ns = time.time_ns()
+        scan = walk_folder(root)
+        skipped = [(os.path.join(root, rel), reason, detail) for rel, reason, detail in scan.skipped]
+        samples = SampleList(root=root, paths=scan.paths, skipped=skipped)
+        return samples, {"scanned_ns": scanned_ns, "dirs": scan.dirs}
     if not shards:
         raise EmptySourceError(f"no tar shards match {source!r}")
     root = os.path.commonpath([os.path.dirname(os.path.abspath(s)) for s in shards])
-    paths, members, offsets, sizes = [], [], [], []
+    paths, members, offsets, sizes, skipped, state = [], [], [], [], [], []
     for shard in shards:
-        rel = os.path.relpath(os.path.abspath(shard), root)
-        for name, offset, size in tar_index(shard, cache_dir=cache_dir):
+        shard = os.path.abspath(shard)
+        st = os.stat(shard)
+        state.append([shard, st.st_size, st.st_mtime_ns])
+        rel = os.path.relpath(shard, root)
+        entries, problems = tar_members(shard, cache_dir=cache_dir)
+        skipped += problems
+        for name, offset, size in entries:
             paths.append(rel)
             members.append(name)
             offsets.append(offset)
             sizes.append(size)
-    return SampleList(
+    samples = SampleList(
         root=root,
         paths=paths,
         members=members,
         offsets=np.asarray(offsets, dtype=np.int64),
         sizes=np.asarray(sizes, dtype=np.int64),
+        skipped=skipped,
     )
+    return samples, {"shards": state}

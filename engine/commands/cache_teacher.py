@@ -4,23 +4,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
+from clipdistill.engine.commands.common import (InputError, add_out_dir, check_class_names, check_model_input,
+                                                check_templates, reporter, require_out_dir, require_source)
+from clipdistill.engine.commands.distill import add_run_config_arguments
 from clipdistill.engine.config.run import load_run_config
+from clipdistill.engine.progress import progress_enabled
 from clipdistill.engine.training.teacher_cache import build_teacher_cache
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_run_config(args.config, list(args.overrides), recipe=args.recipe)
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        summary = build_teacher_cache(cfg, views=args.views, out=args.out, shard_size=args.shard_size,
-                                      batch_size=args.batch_size, rank=rank, world_size=world,
-                                      log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"clipdistill cache-teacher: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, list(args.overrides), recipe=args.recipe)
+    if args.views < 1:
+        raise InputError(f"--views must be >= 1, got {args.views}")
+    require_source(cfg.data.train, "data.train")
+    if cfg.data.class_names:
+        check_class_names(cfg.data.class_names, "data.class_names")
+    check_templates(cfg.data.templates, "data.templates")
+    check_model_input(cfg.teacher.name, cfg.teacher.weights, name_key="teacher.name", weights_key="teacher.weights")
+    require_out_dir(args.out_dir)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    summary = build_teacher_cache(cfg, views=args.views, out=args.out_dir, shard_size=args.shard_size,
+                                  batch_size=args.batch_size, rank=rank, world_size=world,
+                                  log=reporter("cache-teacher"), progress=progress_enabled())
     print(json.dumps(summary))
     return 0
 
@@ -32,13 +39,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "every image, in checksummed numpy shards; resumable; ranks (RANK/WORLD_SIZE) take shards "
                     "round-robin.",
     )
-    parser.add_argument("--config", default=None, help="the run's YAML config (teacher, data, seed)")
-    parser.add_argument("--recipe", default=None, help="shipped recipe: kdpl, kdpl-ca or promptkd")
+    add_run_config_arguments(parser)
     parser.add_argument("--views", type=int, required=True, help="views per image (K)")
-    parser.add_argument("--out", required=True, help="cache folder (an unfinished one is resumed)")
+    add_out_dir(parser, help="cache folder (an unfinished one is resumed)")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard")
     parser.add_argument("--batch-size", type=int, default=256, help="views encoded together")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.set_defaults(func=_cmd_cache)
     return parser

@@ -37,7 +37,6 @@ import argparse
 import colorsys
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +48,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from clipdistill.engine.commands.common import add_out_dir, reporter, require_out_dir
 from clipdistill.engine.config.run import load_run_config
 from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally
 from clipdistill.engine.io import image_spec
 from clipdistill.engine.models.clip import TINY_STUDENT, TINY_TEACHER, get_tokenizer, load_clip
+from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.training.builder import build_run
 from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
 from clipdistill.engine.training.trainer import Trainer
@@ -141,7 +142,7 @@ def write_jpegs(images: np.ndarray, folder: Path, quality: int = 92) -> None:
 
 
 def pretrain_clip(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, *, words: Sequence[str], steps: int,
-                  batch_size: int, lr: float, seed: int, logit_scale: float = 50.0) -> None:
+                  batch_size: int, lr: float, seed: int, logit_scale: float = 50.0, desc: str = "pretrain") -> None:
     """CLIP-style supervised pretraining of both towers against "a photo of a {word}." per class."""
     torch.manual_seed(seed)
     model.train()
@@ -154,7 +155,7 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, 
     core = OptimizerCore(make_optimizer(params, name="adamw", lr=lr, weight_decay=0.05), params, base_lr=lr,
                          total_steps=steps, warmup_steps=min(20, steps // 2), schedule="cosine")
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in progress_bar(range(steps), desc=desc, unit="step"):
         idx = torch.randint(0, len(images), (batch_size,), generator=generator)
         x = images[idx]
         flip = torch.rand(batch_size, generator=generator) < 0.5
@@ -277,7 +278,7 @@ def _pretrain_teacher_and_student(out: Path, data: _DemoData, *, seed: int,
         y = torch.from_numpy(data.pretrain_labels[:subset])
         t0 = time.perf_counter()
         pretrain_clip(model, get_tokenizer(name), x, y, words=words, steps=steps, batch_size=64, lr=2e-3,
-                      seed=seed + 1)
+                      seed=seed + 1, desc=f"demo: pretrain the {role}")
         path = out / f"{role}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         checkpoints[role] = path
@@ -299,7 +300,7 @@ def _demo_run_config(out: Path, checkpoints: dict[str, Path], data: _DemoData, *
                  "min_scale": 0.5, "interpolation": "bilinear"},
         "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_steps": 5, "warmup_lr": None},
         "train": {"epochs": distill_epochs, "seed": seed, "device": "cpu", "out_dir": str(out / "run"),
-                  "log_every": 5, "checkpoint_every": 50, "progress": False},
+                  "log_every": 5, "checkpoint_every": 50, "progress": True},  # drawn only on a terminal
     }
 
 
@@ -346,8 +347,9 @@ def _fmt(m: dict) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, seed=args.seed, learner=args.learner, distill_epochs=args.epochs,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    require_out_dir(args.out_dir)
+    summary = run_demo(args.out_dir, seed=args.seed, learner=args.learner, distill_epochs=args.epochs,
+                       log=reporter("demo"))
     print(json.dumps(summary))
     return 0
 
@@ -357,7 +359,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "demo", help="generate data, pretrain a tiny teacher and student, distill on the CPU, report",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    parser.add_argument("--out", default="demo_out", help="folder for images, checkpoints and the run")
+    add_out_dir(parser, required=False, default="demo_out", help="folder for images, checkpoints and the run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learner", default="coop", choices=["coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc"])
     parser.add_argument("--epochs", type=int, default=30, help="distillation epochs over the unlabeled images")

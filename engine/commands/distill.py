@@ -6,24 +6,36 @@ import json
 import os
 import sys
 
-from clipdistill.engine.config.run import load_run_config
-from clipdistill.engine.training.trainer import NonFiniteLossError, distill
+import yaml
+
+from clipdistill.engine.commands.common import check_run_inputs, reporter
+from clipdistill.engine.config.run import RECIPES, RunConfig, dump_run_config, load_run_config
+from clipdistill.engine.training.trainer import distill
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config from ``--recipe``, ``--config``, the flags that stand for keys, and ``key=value``."""
+    # `deepspeed=ds_config.json` is short for train.deepspeed=ds_config.json.
+    overrides = [f"train.{o}" if o.startswith("deepspeed=") else o for o in args.overrides]
+    if getattr(args, "resume", False):
+        overrides.append("train.resume=true")
+    if getattr(args, "out_dir", None):
+        overrides.append(f"train.out_dir={args.out_dir}")
+    return load_run_config(args.config, overrides, recipe=args.recipe)
+
+
+def print_config(cfg: RunConfig) -> None:
+    """The resolved config as YAML on stdout; ``--config`` reads it back to the same run."""
+    sys.stdout.write(yaml.safe_dump(dump_run_config(cfg), sort_keys=False, allow_unicode=True))
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    # `deepspeed=ds_config.json` is short for train.deepspeed=ds_config.json.
-    overrides = [f"train.{o}" if o.startswith("deepspeed=") else o for o in args.overrides]
-    if args.resume:
-        overrides.append("train.resume=true")
-    try:
-        cfg = load_run_config(args.config, overrides, recipe=args.recipe)
-        summary = distill(cfg, log=lambda m: print(m, file=sys.stderr))
-    except NonFiniteLossError as exc:
-        print(f"clipdistill distill: error: {exc}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad config, data or files: said plainly
-        print(f"clipdistill distill: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = run_config_from_args(args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    check_run_inputs(cfg)  # every path and name, before any model is built
+    summary = distill(cfg, log=reporter("distill"))
     print(json.dumps(summary))
     if cfg.train.deepspeed:
         # Everything is written (rank 0's checkpoint before the final barrier) and flushed. After
@@ -37,15 +49,27 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--recipe`` and the ``key=value`` overrides: a run's config, as distill reads it."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML run config (may name its recipe with 'recipe:')")
+    parser.add_argument("--recipe", default=None, choices=RECIPES,
+                        help="shipped recipe: kdpl (KDPL, any learner), kdpl-ca (KDPL without class names, over "
+                             "a 20k-concept vocabulary) or promptkd (PromptKD)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "distill", help="distill a teacher into a prompt-tuned student (KDPL, PromptKD)",
+        "distill", help="distill a teacher into a prompt-tuned student (KDPL, KDPL-CA, PromptKD)",
         description="Distill a frozen CLIP teacher into a student's prompts on unlabeled images. "
-                    "Settings: a shipped recipe, a YAML file and key=value overrides (e.g. optim.lr=0.01).",
+                    "Settings: a shipped recipe, a YAML file and key=value overrides (e.g. optim.lr=0.01). "
+                    "Recipes: " + ", ".join(RECIPES) + ".",
     )
-    parser.add_argument("--config", default=None, help="YAML run config (may name its recipe with 'recipe:')")
-    parser.add_argument("--recipe", default=None, help="shipped recipe: kdpl or promptkd")
+    add_run_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--out-dir", default=None, metavar="DIR", help="the run's folder (sets train.out_dir)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit (builds nothing)")
     parser.set_defaults(func=_cmd_distill)
     return parser

@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from clipdistill.engine.commands.common import (add_class_names, add_device, add_out_file, add_teacher,
+                                                check_model_input, check_templates, reporter, require_dir,
+                                                require_file, require_out_file)
 from clipdistill.engine.training.tune_teacher import ON_SHORT_CLASS, TuneSettings, tune_teacher
 
 
 def _cmd_tune_teacher(args: argparse.Namespace) -> int:
+    require_dir(args.data, "--data", "labeled folder")
+    require_file(args.class_names, "--class-names", "class-name file")
+    check_templates(args.templates, "--templates")
+    require_dir(args.eval_data, "--eval-data", "labeled folder")
+    check_model_input(args.teacher, args.teacher_weights, name_key="--teacher", weights_key="--teacher-weights")
+    require_out_file(args.out)
     learner_options = {"n_text_ctx": args.n_ctx, "text_depth": args.depth,
                        "n_vision_ctx": args.n_ctx if args.n_vision_ctx is None else args.n_vision_ctx,
                        "vision_depth": args.depth if args.vision_depth is None else args.vision_depth}
@@ -19,15 +27,11 @@ def _cmd_tune_teacher(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, warmup_epochs=args.warmup_epochs, gpa_mean=args.gpa_mean,
         backend=args.backend, workers=args.workers,
     )
-    try:
-        result = tune_teacher(
-            args.teacher, args.weights, args.data, out=args.out, class_names=args.class_names,
-            templates=args.templates, learner_options=learner_options, settings=settings, device=args.device,
-            precision=args.precision, eval_data=args.eval_data, log=lambda m: print(m, file=sys.stderr, flush=True),
-        )
-    except (ValueError, FileNotFoundError) as exc:  # TuneTeacherInputError, ConfigError, EvalInputError
-        print(f"clipdistill tune-teacher: error: {exc}", file=sys.stderr)
-        return 2
+    result = tune_teacher(
+        args.teacher, args.teacher_weights, args.data, out=args.out, class_names=args.class_names,
+        templates=args.templates, learner_options=learner_options, settings=settings, device=args.device,
+        precision=args.precision, eval_data=args.eval_data, log=reporter("tune-teacher"),
+    )
     print(json.dumps(result.as_dict()))
     return 0
 
@@ -38,12 +42,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Prompt-tune a frozen CLIP teacher with PromptSRC (deep text and vision prompts) on N labeled "
                     "images per class, and save the prompts to one .safetensors file that 'distill' can load.",
     )
-    parser.add_argument("--teacher", required=True, help="open_clip model name of the teacher")
-    parser.add_argument("--weights", default=None, help="pretrained tag or checkpoint file (default: random init)")
+    add_teacher(parser, required=True, old_weights=("--weights",))
     parser.add_argument("--data", required=True, help="labeled folder: one subfolder of images per class")
-    parser.add_argument("--class-names", default=None,
-                        help="one class name per line, in label order ('folder<TAB>name' maps a folder); "
-                             "default: the folder names")
+    add_class_names(parser, help="one class name per line, in label order ('folder<TAB>name' maps a folder); "
+                                 "default: the folder names")
     parser.add_argument("--shots", type=int, default=16, help="images per class (default 16)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the shot draw and the training (default 1)")
     parser.add_argument("--on-short-class", choices=ON_SHORT_CLASS, default="error",
@@ -61,12 +63,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=9, help="text prompt depth in layers (default 9)")
     parser.add_argument("--vision-depth", type=int, default=None, help="vision prompt depth (default: --depth)")
     parser.add_argument("--init-words", default=None, help="text context initialization (default 'a photo of a')")
-    parser.add_argument("--device", default="auto")
+    add_device(parser)
     parser.add_argument("--precision", default=None, help="backbone precision (default bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--backend", default="auto", help="image loader backend: auto, torch, dali-cpu, dali-gpu")
     parser.add_argument("--workers", type=int, default=None, help="image decoding workers")
     parser.add_argument("--eval-data", default=None,
                         help="held-out labeled folder with the same classes: report top-1 before and after")
-    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    add_out_file(parser, help="the .safetensors file to write")
     parser.set_defaults(func=_cmd_tune_teacher)
     return parser

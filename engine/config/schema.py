@@ -7,12 +7,21 @@ plain constructor arguments: modules never see a config object.
 
 Errors name what was wrong: an unknown key is reported with its full dotted
 path and the nearest valid key; a value of the wrong type with the expected
-type.
+type; a non-finite number (``.nan``, ``.inf``, ``1e400``) as such.
+
+YAML is read by one loader (:func:`parse_yaml`), for files and overrides alike:
+PyYAML's safe loader, plus YAML 1.2's numbers without a dot (``1e-3`` and
+``1E+3`` are floats; YAML 1.1 reads them as strings), bounded: a file over
+:data:`MAX_YAML_BYTES`, or a document whose aliases expand to more than
+:data:`MAX_YAML_VALUES` values (a "billion laughs"), is refused before anything
+is built from it.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,9 +31,70 @@ import yaml
 
 T = TypeVar("T")
 
+# A run's config is a few KiB; these bounds only stop hostile or broken input.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and what was expected."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that reads exponent floats without a dot and bounds alias expansion."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Refuse a document whose aliases expand to more than MAX_YAML_VALUES values, or that refers to itself.
+
+    Counts each node once per reference (what building the document would copy), in time
+    linear in the distinct nodes.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, done = stack.pop()
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        if done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise ConfigError(f"expands to more than {MAX_YAML_VALUES} values through aliases (*name); "
+                                  "write the values out")
+        elif id(node) not in sizes:
+            if id(node) in on_path:
+                raise ConfigError("an alias (*name) refers to a node that contains it")
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` read as YAML by the bounded loader; errors are one-line ConfigErrors that begin with ``what``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what}: {len(text)} characters, more than a config may hold ({MAX_YAML_BYTES})")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply to be a config") from None
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -92,7 +162,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -183,8 +259,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, f"override {key}") if raw.strip() else ""
+    except ConfigError as exc:
+        if "not valid YAML" not in str(exc):
+            raise  # too large, or a bomb: never taken as a plain string
         value = raw
     return key, value
 
@@ -224,10 +302,14 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size} bytes, more than a config may hold ({MAX_YAML_BYTES})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -7,24 +7,28 @@ objective they share (VQGAN-CLIP's):
     loss(x, t) = mean over cutouts v of  d(normalize(teacher_image(aug_v(x))), t),
     d(a, b)    = 2 * arcsin(||a - b|| / 2)^2        (the squared great-circle distance)
 
-with t the teacher's normalized text feature of the image's (diversified) prompt. ``aug_v`` takes a
-random square crop (side drawn from [``cut_min``, 1] of the shorter side, the same box for the
-whole batch, as VQGAN-CLIP's MakeCutouts), resizes it to the teacher's input size, flips it at
-random and adds a little Gaussian noise; then CLIP's mean/std normalization. The teacher stays
-frozen and in eval mode; gradients flow through it to the images only. Per-image losses are
-summed, so an image's gradient does not depend on what else is in its batch (Adam would undo a
-batch mean anyway). Adam, ``steps`` steps.
+with t the teacher's normalized text feature of the image's (diversified) prompt. ``aug_v`` is one
+of ``n_cutouts`` views per image and step (:class:`Cutouts`): a square crop at a random scale
+(a fraction in [``cut_min``, 1] of the shorter side) and position, drawn for each image from its
+own seed (VQGAN-CLIP shares one box by the batch; here an image does not depend on its
+batch-mates), with VQGAN-CLIP's MakeCutouts augmentations (flip, sharpness, affine,
+perspective, hue/saturation jitter, per-view noise; :class:`CutoutAugment`), resampled once to
+the teacher's input size; then CLIP's mean/std normalization. The teacher stays frozen and in
+eval mode; gradients flow through it to the images only. Per-image losses are summed, so an
+image's gradient does not depend on what else is in its batch (Adam would undo a batch mean
+anyway). Adam, ``steps`` steps.
 
 Generators:
 
-``VQGANGenerator`` (``"vqgan"``, the paper's)
+``VQGANGenerator`` (``"vqgan"``, the paper's, and the default: :data:`DEFAULT_GENERATOR`)
     The decoder is diffusers' ``VQModel`` (a maintained implementation of the VQGAN
     architecture). The optimized parameters are the continuous latents z (B, c, h, w), initialized
     as random codebook entries; each step quantizes z to the nearest codebook entries with a
     straight-through gradient (diffusers' ``VectorQuantizer`` does exactly this) and decodes;
     the output in [-1, 1] is mapped to [0, 1]. Weights come from a local diffusers-format
     folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a ``.safetensors`` file
-    beside a ``.json`` config: never from the network. :func:`tiny_vqgan` builds a random-init
+    beside a ``.json`` config: never from the network. ``clipdistill convert-vqgan`` makes such a
+    folder from a taming-transformers checkpoint (:mod:`.convert_vqgan`). :func:`tiny_vqgan` builds a random-init
     decoder from a small config for tests. diffusers is an optional dependency
     (``pip install clipdistill[datafree]``); it imports torchvision, so the CPU-only torchvision
     measure (:func:`~clipdistill.engine.models.import_open_clip`) is applied before it.
@@ -42,9 +46,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -54,6 +60,16 @@ from clipdistill.engine.io import image_spec
 from clipdistill.engine.models.clip import import_open_clip
 
 GENERATORS = ("vqgan", "fourier", "pixel")
+# The generator of the library (SynthesisPlan) and of `clipdistill synthesize`: the paper's. It needs
+# decoder weights (--vqgan; `clipdistill convert-vqgan` makes them from a taming-transformers
+# checkpoint); "fourier" is the choice that needs none.
+DEFAULT_GENERATOR = "vqgan"
+VQGAN_WEIGHTS_NEEDED = (
+    "the vqgan generator needs decoder weights: --vqgan DIR, a diffusers VQModel folder (make one from a "
+    "taming-transformers checkpoint with `clipdistill convert-vqgan CKPT --out-dir DIR`; 'tiny': a random-init "
+    "test decoder), or --generator fourier, which needs no weights"
+)
+CUTOUT_SEED_TAG = 0xC07  # a tag of its own in each image's seed sequence (see synthesize.IMAGE_SEED_TAG)
 
 # A small VQModel for tests: two resolution levels (latent 1/2 of the image side), 64 codes.
 TINY_VQGAN_CONFIG = dict(
@@ -103,39 +119,191 @@ def resize_to(images: torch.Tensor, side: int) -> torch.Tensor:
                          antialias=shrinking).clamp(0, 1)
 
 
+def cutout_seed(image_seed: int) -> int:
+    """The seed of an image's cutouts, a stream apart from the one of its initial parameters."""
+    return int(np.random.SeedSequence([int(image_seed), CUTOUT_SEED_TAG]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, D) x (N, D) normalized -> (N,) squared great-circle distance 2*arcsin(||a-b||/2)^2."""
     return (a - b).norm(dim=-1).div(2).clamp(max=1).arcsin().pow(2).mul(2)
 
 
+@dataclass(frozen=True)
+class CutoutAugment:
+    """The random augmentations of each cutout: a probability and a range for each.
+
+    The defaults are VQGAN-CLIP's MakeCutouts (Crowson's notebook, as published with kornia):
+    horizontal flip p=0.5, sharpness 0.3 p=0.4, affine (rotation up to 30 degrees, translation
+    up to 0.1 of the side, border padding) p=0.8, perspective (distortion 0.2) p=0.4, color
+    jitter (hue and saturation 0.01) p=0.7, then per-cutout Gaussian noise with a standard
+    deviation drawn from U(0, 0.1). Written here without kornia (see :class:`Cutouts` for the
+    exact maps and where they differ from kornia's).
+    """
+
+    flip_p: float = 0.5
+    sharpness_p: float = 0.4
+    sharpness: float = 0.3  # unsharp-mask strength drawn from U(0, sharpness)
+    affine_p: float = 0.8
+    degrees: float = 30.0
+    translate: float = 0.1  # fraction of the cutout's side
+    perspective_p: float = 0.4
+    distortion: float = 0.2  # corners move inwards by up to this fraction of the half side
+    jitter_p: float = 0.7
+    hue: float = 0.01  # fraction of a full turn of the hue circle
+    saturation: float = 0.01
+    noise: float = 0.1  # the noise's standard deviation is drawn from U(0, noise)
+
+
+# Named sets for the command line and the synthesis plan. "crops": per-image crops at varied
+# scales and flips only (for ablations, and a teacher that should see the image undistorted).
+CUTOUT_AUGMENTS: dict[str, CutoutAugment] = {
+    "vqgan-clip": CutoutAugment(),
+    "crops": CutoutAugment(sharpness_p=0.0, affine_p=0.0, perspective_p=0.0, jitter_p=0.0, noise=0.0),
+}
+DEFAULT_AUGMENT = "vqgan-clip"
+
+# The columns of the uniform draws of one cutout (one row per cutout).
+_U_SIZE, _U_CX, _U_CY, _U_FLIP, _U_AFFINE, _U_ANGLE, _U_TX, _U_TY, _U_PERSP = range(9)
+_U_CORNERS = slice(9, 17)
+_U_SHARP, _U_SHARP_AMOUNT, _U_JITTER, _U_HUE, _U_SAT, _U_NOISE = range(17, 23)
+_N_UNIFORMS = 23
+
+# RGB -> YIQ (NTSC); a hue shift is a rotation of the (I, Q) plane.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_LUMA = _RGB_TO_YIQ[0]
+_SMOOTH_KERNEL = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # PIL's SMOOTH
+
+
+def _homography_from_corners(corners: torch.Tensor) -> torch.Tensor:
+    """(N, 4, 2) targets of the corners (-1,-1), (1,-1), (1,1), (-1,1) -> (N, 3, 3) homographies."""
+    source = corners.new_tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    n = corners.shape[0]
+    x, y = source[:, 0].expand(n, 4), source[:, 1].expand(n, 4)
+    u, v = corners[..., 0], corners[..., 1]
+    one, zero = torch.ones_like(u), torch.zeros_like(u)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
+    system = torch.cat([rows_u, rows_v], dim=1)  # (N, 8, 8)
+    h = torch.linalg.solve(system, torch.cat([u, v], dim=1))  # (N, 8)
+    return torch.cat([h, torch.ones_like(h[:, :1])], dim=1).view(n, 3, 3)
+
+
 class Cutouts:
-    """Random square crops resized to the teacher's side, flipped and noised (see module doc)."""
+    """Several augmented crops of every image per step, each image's drawn from its own generator.
 
-    def __init__(self, side: int, n_cutouts: int = 16, cut_min: float = 0.5, noise: float = 0.05):
-        if n_cutouts < 1 or not 0 < cut_min <= 1:
-            raise ValueError(f"need n_cutouts >= 1 and 0 < cut_min <= 1, got {n_cutouts}, {cut_min}")
-        self.side, self.n_cutouts, self.cut_min, self.noise = side, n_cutouts, cut_min, noise
+    For each image and each of ``n_cutouts`` views: a square crop whose side is a fraction
+    ``cut_min + (1 - cut_min) * u ** cut_pow`` (u ~ U(0, 1)) of the image's shorter side at a
+    uniform position, then (each with its probability in ``augment``) a horizontal flip, an
+    affine map (rotation, translation), a perspective map (each corner moved inwards by
+    U(0, distortion) of the half side, per coordinate), all composed into one homography per view
+    and sampled once (bilinear, border padding) at the teacher's side; then an unsharp mask
+    ``x + a (x - smooth(x))`` (PIL's SMOOTH kernel), a color matrix (a hue rotation in YIQ and a
+    saturation blend with the luma), and Gaussian noise with a per-view standard deviation. Not
+    clamped afterwards (as VQGAN-CLIP: the noise may leave [0, 1]).
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) -> (n_cutouts * B, 3, side, side), cut-major."""
-        _, _, height, width = images.shape
+    *Choices* where VQGAN-CLIP's kornia pipeline differs: one resampling of the whole chain
+    (kornia resamples at each geometric step), the crop sampled bilinearly from the full image
+    (VQGAN-CLIP resamples with a Lanczos filter; with crops at least ``cut_min`` of an image the
+    size of the teacher's input this upsamples, so nothing aliases), and VQGAN-CLIP's crops
+    shared by the batch are drawn here per image, so that an image does not depend on its
+    batch-mates.
+    """
+
+    def __init__(self, side: int, n_cutouts: int = 16, cut_min: float = 0.5, cut_pow: float = 1.0,
+                 augment: Union[str, CutoutAugment] = DEFAULT_AUGMENT):
+        if n_cutouts < 1 or not 0 < cut_min <= 1 or cut_pow <= 0:
+            raise ValueError(f"need n_cutouts >= 1, 0 < cut_min <= 1 and cut_pow > 0, got {n_cutouts}, "
+                             f"{cut_min}, {cut_pow}")
+        if isinstance(augment, str):
+            if augment not in CUTOUT_AUGMENTS:
+                raise ValueError(f"unknown cutout augmentation {augment!r}; choose one of {sorted(CUTOUT_AUGMENTS)}")
+            augment = CUTOUT_AUGMENTS[augment]
+        self.side, self.n_cutouts, self.cut_min, self.cut_pow = int(side), n_cutouts, cut_min, cut_pow
+        self.augment = augment
+
+    def draw(self, generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+        """The uniforms of every view, (B, n_cutouts, 23): row b from ``generators[b]``."""
+        return torch.stack([torch.rand(self.n_cutouts, _N_UNIFORMS, generator=g, device=device) for g in generators])
+
+    def transforms(self, u: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(N, 23) uniforms -> (N, 3, 3) homographies from output to input normalized coordinates."""
+        a = self.augment
         short = min(height, width)
-        views = []
-        for _ in range(self.n_cutouts):
-            u = torch.rand(4, generator=generator).tolist()
-            size = max(1, int(short * (self.cut_min + (1 - self.cut_min) * u[0])))
-            top = int((height - size) * u[1])
-            left = int((width - size) * u[2])
-            view = images[:, :, top : top + size, left : left + size]
-            view = F.interpolate(view, size=(self.side, self.side), mode="bilinear", align_corners=False)
-            if u[3] < 0.5:
-                view = view.flip(-1)
-            views.append(view)
-        views = torch.cat(views)
-        if self.noise > 0:
-            noise = torch.randn(views.shape, generator=generator).to(views)
-            views = views + self.noise * noise
-        return views.clamp(0, 1)
+        frac = self.cut_min + (1 - self.cut_min) * u[:, _U_SIZE].pow(self.cut_pow)
+        ex, ey = frac * short / width, frac * short / height  # half extents in [-1, 1] coordinates
+        cx, cy = (2 * u[:, _U_CX] - 1) * (1 - ex), (2 * u[:, _U_CY] - 1) * (1 - ey)
+        flip = torch.where(u[:, _U_FLIP] < a.flip_p, -1.0, 1.0)
+        affine = (u[:, _U_AFFINE] < a.affine_p).to(u.dtype)
+        angle = affine * (2 * u[:, _U_ANGLE] - 1) * a.degrees * torch.pi / 180
+        tx, ty = (affine * (2 * u[:, c] - 1) * 2 * a.translate for c in (_U_TX, _U_TY))
+        cos, sin = angle.cos(), angle.sin()
+        sx, sy = ex * flip, ey
+        zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+        # crop(flip(rotate(p) + t)) as one affine map, then the perspective before it.
+        outer = torch.stack([
+            torch.stack([sx * cos, -sx * sin, sx * tx + cx], dim=-1),
+            torch.stack([sy * sin, sy * cos, sy * ty + cy], dim=-1),
+            torch.stack([zero, zero, one], dim=-1),
+        ], dim=1)
+        corners = u.new_tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+        perspective = (u[:, _U_PERSP] < a.perspective_p).to(u.dtype)
+        inward = (perspective * a.distortion)[:, None, None] * u[:, _U_CORNERS].view(-1, 4, 2)
+        homography = _homography_from_corners(corners - corners.sign() * inward)
+        identity = torch.eye(3, dtype=u.dtype, device=u.device).expand_as(homography)
+        return outer @ torch.where(perspective.view(-1, 1, 1) > 0, homography, identity)
+
+    def color_matrices(self, u: torch.Tensor) -> torch.Tensor:
+        """(N, 23) uniforms -> (N, 3, 3) RGB matrices (hue rotation, then saturation)."""
+        a = self.augment
+        jitter = (u[:, _U_JITTER] < a.jitter_p).double()
+        phi = jitter * (2 * u[:, _U_HUE].double() - 1) * a.hue * 2 * torch.pi
+        rotation = torch.zeros(u.shape[0], 3, 3, dtype=torch.float64, device=u.device)
+        rotation[:, 0, 0] = 1
+        rotation[:, 1, 1], rotation[:, 1, 2] = phi.cos(), -phi.sin()
+        rotation[:, 2, 1], rotation[:, 2, 2] = phi.sin(), phi.cos()
+        hue = _YIQ_TO_RGB.to(u.device) @ rotation @ _RGB_TO_YIQ.to(u.device)
+        factor = 1 + jitter * (2 * u[:, _U_SAT].double() - 1) * a.saturation
+        eye = torch.eye(3, dtype=torch.float64, device=u.device)
+        gray = torch.ones(3, 1, dtype=torch.float64, device=u.device) @ _LUMA.to(u.device)[None]
+        saturation = factor[:, None, None] * eye + (1 - factor)[:, None, None] * gray
+        return (saturation @ hue).to(u.dtype)
+
+    def __call__(self, images: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """images (B, 3, H, W), one generator per image on ``images.device`` ->
+        (n_cutouts * B, 3, side, side), cut-major (row ``k * B + b`` is view k of image b)."""
+        batch, channels, height, width = images.shape
+        if len(generators) != batch:
+            raise ValueError(f"need one generator per image: {batch} images, {len(generators)} generators")
+        n, side, device = self.n_cutouts, self.side, images.device
+        u = self.draw(generators, device).view(batch * n, _N_UNIFORMS)  # image-major
+        coords = (torch.arange(side, device=device, dtype=torch.float32) * 2 + 1) / side - 1
+        gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+        base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(-1, 3)  # (S*S, 3)
+        mapped = torch.einsum("nij,pj->npi", self.transforms(u, height, width), base)
+        grid = (mapped[..., :2] / mapped[..., 2:]).reshape(batch, n * side, side, 2)
+        views = F.grid_sample(images.float(), grid.to(torch.float32), mode="bilinear", padding_mode="border",
+                              align_corners=False)  # (B, 3, n*S, S)
+        views = views.view(batch, channels, n, side, side).transpose(1, 2).reshape(batch * n, channels, side, side)
+        a = self.augment
+        if a.sharpness_p > 0 and a.sharpness > 0:
+            chosen = torch.nonzero(u[:, _U_SHARP] < a.sharpness_p).squeeze(1)  # only the views drawn for it
+            if chosen.numel():
+                amount = (u[chosen, _U_SHARP_AMOUNT] * a.sharpness).view(-1, 1, 1, 1)
+                part = views.index_select(0, chosen)
+                kernel = _SMOOTH_KERNEL.to(device).repeat(channels, 1, 1, 1)
+                smooth = F.conv2d(F.pad(part, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
+                views = views.index_copy(0, chosen, part + amount * (part - smooth))
+        if a.jitter_p > 0 and (a.hue > 0 or a.saturation > 0):
+            views = torch.einsum("nij,njhw->nihw", self.color_matrices(u), views)
+        if a.noise > 0:
+            sigma = (u[:, _U_NOISE] * a.noise).view(batch, n, 1, 1, 1)
+            noise = torch.stack([torch.randn(n, channels, side, side, generator=g, device=device) for g in generators])
+            views = views + (sigma * noise).view_as(views)
+        # image-major -> cut-major, the order the loss reads.
+        return views.view(batch, n, channels, side, side).transpose(0, 1).reshape(n * batch, channels, side, side)
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -174,17 +342,19 @@ class ImageGenerator(nn.Module):
         steps: int = 100,
         lr: Optional[float] = None,
         n_cutouts: int = 16,
+        augment: Union[str, CutoutAugment] = DEFAULT_AUGMENT,
         cut_min: float = 0.5,
-        noise: float = 0.05,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Optimize one image per row of ``text_features`` (B, D) towards it.
 
         Args:
             teacher: a frozen :class:`~clipdistill.engine.models.Teacher`.
             text_features: (B, D) the teacher's normalized text features of the prompts.
-            seeds: B per-image seeds; they fix the initial parameters and, through the first seed,
-                the cutouts, so that an image is reproducible from its seed and batch.
+            seeds: B per-image seeds; each fixes its image's initial parameters and its cutouts,
+                so that an image does not depend on the other images of its batch (up to
+                floating-point differences of batched kernels).
             steps, lr: Adam steps and learning rate (default: the generator's own).
+            n_cutouts, augment, cut_min: the views of each image per step (:class:`Cutouts`).
 
         Returns:
             images (B, 3, image_size, image_size) in [0, 1] on the CPU, and the teacher's cosine
@@ -197,12 +367,12 @@ class ImageGenerator(nn.Module):
         targets = F.normalize(text_features.detach().float().to(device), dim=-1)
         params = nn.Parameter(self.init_params(seeds).to(device))
         optimizer = torch.optim.Adam([params], lr=lr or self.default_lr)
-        cutouts = Cutouts(side, n_cutouts=n_cutouts, cut_min=cut_min, noise=noise)
-        generator = torch.Generator().manual_seed(int(seeds[0]) if len(seeds) else 0)
+        cutouts = Cutouts(side, n_cutouts=n_cutouts, cut_min=cut_min, augment=augment)
+        generators = [torch.Generator(device).manual_seed(cutout_seed(s)) for s in seeds]
         batch = targets.shape[0]
         for _ in range(steps):
             images = self.render(params)
-            views = cutouts(images, generator)
+            views = cutouts(images, generators)
             features = teacher_image_features(teacher, views, grad=True)
             distance = spherical_distance(features, targets.repeat(cutouts.n_cutouts, 1))
             loss = distance.view(cutouts.n_cutouts, batch).mean(dim=0).sum()
@@ -281,12 +451,17 @@ def diffusers_available() -> bool:
         return False
 
 
-def tiny_vqgan(seed: int = 0):
-    """A random-init VQModel from :data:`TINY_VQGAN_CONFIG` (for tests; it draws nothing useful)."""
+def random_vqgan(config: dict, seed: int = 0):
+    """A random-init VQModel from diffusers constructor arguments (tests, benchmarks: it draws nothing useful)."""
     VQModel = _import_diffusers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VQModel(**TINY_VQGAN_CONFIG)
+        return VQModel(**config)
+
+
+def tiny_vqgan(seed: int = 0):
+    """A random-init VQModel from :data:`TINY_VQGAN_CONFIG` (for tests)."""
+    return random_vqgan(TINY_VQGAN_CONFIG, seed)
 
 
 def load_vqgan(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
@@ -375,10 +550,7 @@ def build_generator(
         return PixelGenerator(image_size).to(device)
     if name == "vqgan":
         if vqgan is None:
-            raise ValueError(
-                "the vqgan generator needs decoder weights: pass a local diffusers VQModel folder or "
-                ".safetensors file (--vqgan PATH), or 'tiny' for a random-init test decoder"
-            )
+            raise ValueError(VQGAN_WEIGHTS_NEEDED)
         if isinstance(vqgan, nn.Module):
             model = vqgan
         elif str(vqgan) == "tiny":

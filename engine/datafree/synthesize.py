@@ -26,9 +26,11 @@ manifest is rewritten, and only the remaining (class, style) pairs are generated
 without a manifest line (a crash between the rename and the append) is regenerated over itself.
 A plan that differs from the folder's ``synthesis.json`` is refused: use a new folder.
 
-Reproducibility: styles and each image's initialization come from seeds derived from ``seed``;
-the cutouts of a batch are drawn from its first image's seed, so an image is reproduced exactly
-with the same batch composition (the default on an uninterrupted run) and closely otherwise.
+Reproducibility: styles, each image's initialization and each image's cutouts come from seeds
+derived from ``seed``, so an image does not depend on the other images of its batch (up to the
+floating-point differences of batched kernels: bit-identical with the same batch composition,
+the default on an uninterrupted run). The generator defaults to ``"vqgan"`` (the paper's), which
+needs decoder weights (``vqgan``); ``"fourier"`` needs none.
 Concurrent runs into one folder are not supported.
 """
 from __future__ import annotations
@@ -47,7 +49,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipdistill.engine.datafree.diversify import StyleBank, StyledPrompts, build_diversifier
-from clipdistill.engine.datafree.generators import build_generator, teacher_input_spec
+from clipdistill.engine.datafree.generators import (CUTOUT_AUGMENTS, DEFAULT_AUGMENT, DEFAULT_GENERATOR,
+                                                    VQGAN_WEIGHTS_NEEDED, build_generator, teacher_input_spec)
 from clipdistill.engine.models.clip import build_teacher
 from clipdistill.engine.models.towers import TextTower
 
@@ -59,6 +62,9 @@ MANIFEST_FILE = "manifest.jsonl"
 IMAGES_DIR = "images"
 PLAN_FORMAT = "clipdistill-synthesis/1"
 IMAGE_SEED_TAG = 0x1A6E  # see diversify.STYLE_SEED_TAG
+# What a plan written before per-image cutouts (no "augment" key) made: one crop box per step shared
+# by the batch, flip and noise. Such a set still reads and trains; it cannot be resumed.
+LEGACY_AUGMENT = "batch-shared-crops"
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,13 @@ class SynthesisPlan:
     teacher_weights: Optional[str]
     class_names: tuple[str, ...]
     diversifier: str = "contrastive"
-    generator: str = "fourier"
+    generator: str = DEFAULT_GENERATOR  # "vqgan": needs ``vqgan`` (weights) unless a generator is passed
     per_class: int = 10
     seed: int = 0
     steps: int = 100
     image_size: Optional[int] = None  # None: the teacher's input side
     n_cutouts: int = 16
+    augment: str = DEFAULT_AUGMENT  # the cutouts' augmentations (generators.CUTOUT_AUGMENTS)
     lr: Optional[float] = None  # None: the generator's default
     n_style_tokens: int = 1
     contrastive_steps: int = 50
@@ -88,6 +95,7 @@ class SynthesisPlan:
     @classmethod
     def from_json(cls, data: dict) -> "SynthesisPlan":
         data = {k: v for k, v in data.items() if k != "format"}
+        data.setdefault("augment", LEGACY_AUGMENT)
         data["class_names"] = tuple(data["class_names"])
         return cls(**data)
 
@@ -175,6 +183,12 @@ def _check_plan(out_dir: Path, plan: SynthesisPlan) -> None:
     plan_path = out_dir / PLAN_FILE
     if plan_path.is_file():
         stored = json.loads(plan_path.read_text(encoding="utf-8"))
+        if "augment" not in stored:
+            raise ValueError(
+                f"{out_dir} was made by an earlier clipdistill whose cutouts were shared by the batch; "
+                f"its images still read and train, but it cannot be resumed with today's per-image "
+                f"cutouts: choose a new --out folder"
+            )
         if stored != plan.to_json():
             diff = sorted(k for k in set(stored) | set(plan.to_json()) if stored.get(k) != plan.to_json().get(k))
             raise ValueError(
@@ -231,6 +245,10 @@ def synthesize(
     """
     if plan.per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {plan.per_class}")
+    if plan.augment not in CUTOUT_AUGMENTS:
+        raise ValueError(f"unknown cutout augmentation {plan.augment!r}; choose one of {sorted(CUTOUT_AUGMENTS)}")
+    if generator is None and plan.generator == "vqgan" and plan.vqgan is None:
+        raise ValueError(VQGAN_WEIGHTS_NEEDED)  # before anything is written or computed
     out_dir = Path(out_dir)
     _check_plan(out_dir, plan)
     entries, dropped = _clean_manifest(out_dir)
@@ -264,7 +282,8 @@ def synthesize(
                 targets = prompts.encode_pairs(bank.embeddings[styles], classes)
             seeds = [image_seed(plan.seed, c, j) for c, j in batch]
             images, similarity = generator.generate(
-                teacher, targets, seeds, steps=plan.steps, lr=plan.lr, n_cutouts=plan.n_cutouts
+                teacher, targets, seeds, steps=plan.steps, lr=plan.lr, n_cutouts=plan.n_cutouts,
+                augment=plan.augment,
             )
             lines = []
             for row, (c, j) in enumerate(batch):

@@ -1,7 +1,7 @@
 """Evaluation: zero-shot top-1, base-to-novel, cross-dataset, teacher-student agreement, model selection.
 
     clipdistill eval --data FOLDER [--data FOLDER ...] [--class-names FILE ...] [--templates SPEC ...]
-                     [--distilled CHECKPOINT_OR_EXPORT] [--teacher NAME --teacher-weights W]
+                     [--checkpoint CHECKPOINT_OR_EXPORT] [--teacher NAME --teacher-weights W]
                      [--student NAME --student-weights W] [--base-to-novel] [--unlabeled SOURCE]
                      [--out report.json]
 
@@ -59,6 +59,7 @@ from clipdistill.engine.evaluation.export import (StudentClassifier, build_backb
 from clipdistill.engine.io import image_spec, read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer
+from clipdistill.engine.progress import progress_bar
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import SampleList, scan_folder
 from clipdistill.loaders.views import CenterCrop, counter_hash
@@ -243,7 +244,7 @@ def _batches(samples, outputs, rejected: list, settings: LoaderSettings):
     loader = ImageLoader(samples, global_batch_size=settings.batch_size, outputs=list(outputs),
                          transform=CenterCrop(), backend=settings.backend, device=settings.device,
                          workers=settings.workers, interpolation="bicubic", cache_dir=settings.cache_dir)
-    for batch in loader:
+    for batch in progress_bar(loader, total=len(loader), desc="eval", unit="batch", leave=False):
         rejected += [r.location for r in batch.rejects]
         rows = batch.mask.nonzero().squeeze(1)
         if rows.numel():
@@ -676,7 +677,7 @@ def _evaluate_unlabeled(unlabeled: str, names: list[str], templates: list[str], 
     classifiers = models.classifiers(names, templates)
     students = [c for c in classifiers if c.name != "teacher"]
     if not students:
-        raise EvalInputError("agreement on unlabeled images needs a student (--student or --distilled)")
+        raise EvalInputError("agreement on unlabeled images needs a student (--student or --checkpoint)")
     result = evaluate_agreement(samples, classifiers[0], students, models.outputs, settings)
     return {"source": str(unlabeled), "classes": len(names),
             "images": len(samples) - len(result["rejected"]), "rejected": result["rejected"],

@@ -2,7 +2,7 @@
 
     clipdistill export CHECKPOINT --out student.safetensors [--class-names FILE] [--templates SPEC]
                        [--include-backbone]
-    clipdistill predict IMAGES... --model student.safetensors [--top-k 5] [--device auto]
+    clipdistill predict IMAGES... --checkpoint student.safetensors [--top-k 5] [--device auto]
 
 The export file holds tensors and a JSON header, nothing else (no pickle):
 
@@ -52,6 +52,7 @@ from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.io import image_spec, read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer, import_open_clip
+from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.prompts.registry import build_learner as build_prompt_learner
 from clipdistill.engine.training.checkpoint import load_checkpoint
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
@@ -652,7 +653,7 @@ def predict(
     )
     k = max(1, min(top_k, len(student.class_names)))
     results: dict[int, dict] = {}
-    for batch in loader:
+    for batch in progress_bar(loader, total=len(loader), desc="predict", unit="batch"):
         rows = batch.mask.nonzero().squeeze(1)
         for reject in batch.rejects:
             results[reject.sample_id] = {"image": reject.location, "error": f"{reject.reason}: {reject.detail}"}

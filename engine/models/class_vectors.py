@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.templates import check_templates
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def encode_class_names(
         raise ValueError("class_names is empty")
     per_batch = max(1, batch_size // len(templates))
     vectors = []
-    for start in range(0, len(class_names), per_batch):
+    starts = range(0, len(class_names), per_batch)
+    for start in progress_bar(starts, desc="class vectors", unit="batch", leave=False):
         names = class_names[start : start + per_batch]
         tokens = tokenizer([t.format(name) for name in names for t in templates])
         if device is not None:

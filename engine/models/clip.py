@@ -7,7 +7,9 @@ ship with the package (``engine/config/models/*.json``) exactly once.
 Weights are named by ``weights``: ``None`` (random init, for tests and demos), an
 open_clip pretrained tag (``"openai"``, ``"dfn5b"``, ...) resolved through
 open_clip's own cache, or a path to a local checkpoint (``.safetensors``, or a
-``.pt``/``.pth``/``.bin`` file read with ``torch.load(weights_only=True)``).
+``.pt``/``.pth``/``.bin`` file read with ``torch.load(weights_only=True)``). A model named
+``hf-hub:org/repo`` (or ``local-dir:PATH``) reaches open_clip unchanged; its config and its
+weights come from that Hugging Face Hub repository (or folder), so ``weights`` stays None.
 """
 from __future__ import annotations
 
@@ -55,8 +57,30 @@ def shipped_model_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+# open_clip's prefixes of a model whose config and weights come with it: a Hugging Face Hub
+# repository (hf-hub:org/repo) or a local folder (local-dir:/path).
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+def _schema(model_name: str) -> Optional[str]:
+    return next((p for p in (HF_HUB_PREFIX, LOCAL_DIR_PREFIX) if model_name.startswith(p)), None)
+
+
 def _check_model_name(model_name: str) -> str:
+    """The name open_clip receives: OpenAI's spelling ``ViT-B/32`` becomes ``ViT-B-32``; an
+    ``hf-hub:org/repo`` or ``local-dir:PATH`` name passes through unchanged (open_clip reads its
+    config, and weights, from there)."""
     open_clip = import_open_clip()
+    schema = _schema(model_name)
+    if schema is not None:
+        where = model_name[len(schema):]
+        if not where.strip("/"):
+            raise ValueError(f"model name {model_name!r} names nothing after {schema!r}; write hf-hub:org/repo "
+                             f"or local-dir:/path/to/folder")
+        if schema == LOCAL_DIR_PREFIX and not os.path.isdir(where):
+            raise FileNotFoundError(f"model folder {where!r} of {model_name!r} does not exist")
+        return model_name
     cleaned = model_name.replace("/", "-")
     if open_clip.get_model_config(cleaned) is None:
         known = open_clip.list_models()
@@ -68,6 +92,15 @@ def _check_model_name(model_name: str) -> str:
             f"architecture, register its JSON config with open_clip.add_model_config(path) first."
         )
     return cleaned
+
+
+def check_model(model_name: str, weights: Optional[str] = None) -> None:
+    """Check a model name and its weights without building, reading or downloading anything.
+
+    Raises what :func:`load_clip` would raise for them, before any weights are read: ValueError
+    (an unknown name, a tag the model does not have), FileNotFoundError (a missing checkpoint file).
+    """
+    _resolve_weights(model_name, _check_model_name(model_name), None if weights is None else str(weights))
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -126,6 +159,9 @@ def _resolve_weights(model_name: str, name: str, weights: Optional[str]) -> Opti
     pretrained tag of ``name``. Checked here so that a typo fails before any weights are read."""
     if weights is None:
         return None
+    if _schema(name) is not None:  # open_clip would ignore them
+        raise ValueError(f"{model_name!r} brings its own weights (open_clip reads them from there); give no "
+                         f"weights for it, not {weights!r}")
     if os.path.isfile(weights):
         return weights
     if _looks_like_path(weights):

@@ -27,10 +27,11 @@ from clipdistill.engine.parallel import launch, zero
 from clipdistill.engine.parallel.batchnorm import sync_batch_norm
 from clipdistill.engine.prompts.learners import PromptLearner
 from clipdistill.engine.prompts.registry import build_learner
+from clipdistill.engine.training.checkpoint import latest_checkpoint
 from clipdistill.engine.training.data import heldout_transform, image_loader, training_transform
 from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCache, run_key
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
-from clipdistill.loaders.sources import resolve_source
+from clipdistill.loaders.sources import SampleList, resolve_source
 from clipdistill.loaders.views import ReplayViews
 
 
@@ -85,10 +86,9 @@ def _place(cfg: RunConfig) -> _Placement:
 
 
 def _cached_teacher(cfg: RunConfig, class_names: list[str], templates: list[str], device: torch.device,
-                    lists: str):
+                    samples: SampleList):
     """The teacher cache checked against the run, its stand-in teacher, the class vectors, the image list."""
     cache = TeacherCache(cfg.teacher.cache)
-    samples = resolve_source(cfg.data.train, cache_dir=lists)
     k = cache.key  # the teacher's input spec is the cache's own: the teacher model is not loaded to compare
     cache.check(run_key(cfg, num_views=k.num_views, teacher_dim=k.dim, samples=samples,
                         input_spec=(k.input_size, k.mean, k.std)))
@@ -176,9 +176,12 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     torch.manual_seed(cfg.train.seed)
     feature_cache = None
     lists = str(Path(cfg.train.out_dir) / "lists")
-    source = cfg.data.train
+    # The run's own image list: a resumed run keeps the one it started with (its checkpoints hold the
+    # list's digest); a folder changed since is reported by resolve_source, not mixed in.
+    resuming = cfg.train.resume and latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints") is not None
+    source = resolve_source(cfg.data.train, cache_dir=lists, keep_saved=resuming)
     if cfg.teacher.cache:
-        teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, lists)
+        teacher, vectors, feature_cache, source = _cached_teacher(cfg, class_names, templates, device, source)
         if where.ds_config is not None:
             log("clipdistill: teacher.cache holds the teacher's features, so no teacher is loaded and "
                 "train.deepspeed has nothing to shard; the ranks train data-parallel")
@@ -211,7 +214,7 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     outputs, teacher_input = _outputs(learner.clip, None if feature_cache is not None else teacher)
     heldout_loader = None
     if cfg.data.holdout_fraction > 0:
-        source, heldout = holdout_split(resolve_source(cfg.data.train, cache_dir=lists), cfg.data.holdout_fraction,
+        source, heldout = holdout_split(source, cfg.data.holdout_fraction,
                                         seed=cfg.train.seed)
         heldout_loader = image_loader(heldout, cfg.data, outputs=outputs, transform=heldout_transform(),
                                       seed=cfg.train.seed, device=device, dtype=dtype, rank=rank, world_size=world)

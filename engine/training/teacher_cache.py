@@ -1,6 +1,6 @@
 """Teacher cache: run the teacher once per image and view, replay it in every epoch after.
 
-    clipdistill cache-teacher --config FILE --views K --out DIR [key=value ...]
+    clipdistill cache-teacher --config FILE --views K --out-dir DIR [key=value ...]
     clipdistill distill --config FILE teacher.cache=DIR
 
 Building: for every image of ``data.train`` and each of K views, the view's
@@ -179,7 +179,8 @@ def build_teacher_cache(cfg, *, views: int, out: str | Path, shard_size: int = 1
     device = resolve_device(cfg.train.device)
     teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device, precision=cfg.teacher.precision)
     input_spec = image_spec(teacher.model)
-    samples = resolve_source(cfg.data.train, cache_dir=out / "lists")
+    # The cache's own list: an interrupted build continues on it (a changed folder is reported).
+    samples = resolve_source(cfg.data.train, cache_dir=out / "lists", keep_saved=True)
     key = run_key(cfg, num_views=views, teacher_dim=teacher.model.visual.output_dim, samples=samples,
                   input_spec=input_spec)
     _claim(out, key)

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from clipdistill.engine.config.run import RunConfig, config_differences, dump_run_config
 from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.evaluation.evaluate import heldout_agreement_kl, is_better
 from clipdistill.engine.parallel.launch import all_reduce_sum, rank_and_world, row_share, sum_gradients
+from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.training.builder import Run, build_run
 from clipdistill.engine.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                                     save_state, set_rng_state)
@@ -305,8 +304,7 @@ class Trainer:
     def _progress(self):
         if not self.cfg.train.progress:
             return None
-        return tqdm(total=self.total_steps, initial=self.global_step, desc="distill", unit="step",
-                    dynamic_ncols=True, file=sys.stderr)
+        return progress_bar(total=self.total_steps, initial=self.global_step, desc="distill", unit="step")
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:

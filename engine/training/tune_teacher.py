@@ -3,7 +3,7 @@
 The file format and loading it back live in :mod:`clipdistill.engine.models.tuned`; the
 command line in :mod:`clipdistill.engine.commands.tune_teacher`.
 
-    clipdistill tune-teacher --teacher NAME [--weights W] --data FOLDER [--class-names FILE]
+    clipdistill tune-teacher --teacher NAME [--teacher-weights W] --data FOLDER [--class-names FILE]
                              --shots N [--seed S] [--on-short-class error|use-all|skip]
                              [--epochs E] [--lr LR] [--batch-size B] [--n-ctx N] [--depth D]
                              [--eval-data FOLDER] --out FILE
@@ -58,6 +58,7 @@ from clipdistill.engine.models.clip import Teacher, _default_precision, get_toke
 from clipdistill.engine.models.towers import TextTower
 from clipdistill.engine.models.tuned import (LEARNER_KIND, TunedTeacher, _input_dtype, _versions, load_tuned_teacher,
                                              save_tuned_teacher)
+from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.prompts.learners import PROMPTSRC_LOSS_WEIGHTS, GaussianPromptAggregator
 from clipdistill.engine.prompts.registry import build_learner
 from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
@@ -321,10 +322,12 @@ def _train(learner, params: list[torch.Tensor], loader, labels_all: torch.Tensor
     input_dtype = _input_dtype(learner.clip)
     losses: dict[str, float] = {}
     learner.train()
+    bar = progress_bar(total=settings.epochs * steps_per_epoch, desc="tune-teacher", unit="step")
     for epoch in range(1, settings.epochs + 1):
         sums: dict[str, torch.Tensor] = {}
         batches = 0
         for batch in loader:
+            bar.update()
             rows = batch.mask.nonzero().squeeze(1)  # the mask is on the CPU: no device sync
             if not rows.numel():
                 core.skip()  # a step of padding only: the schedule still advances
@@ -349,6 +352,7 @@ def _train(learner, params: list[torch.Tensor], loader, labels_all: torch.Tensor
         aggregator.add(learner.state_to_save(), epoch)
         log(f"tune-teacher: epoch {epoch}/{settings.epochs} "
             + " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    bar.close()
     learner.load_saved_state(aggregator.result())
     learner.eval()
     return losses

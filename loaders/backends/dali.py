@@ -17,6 +17,12 @@ DALI cannot skip a bad sample: a decode error fails the whole iteration. When
 it does, each real sample of the failed step is decoded alone in a batch-1
 probe pipeline; those that fail are rejected, the pipeline is rebuilt and the
 same step runs again without them. An error no probe reproduces is raised.
+
+A JPEG cut mid-scan whose end marker was put back (FF D9) decodes here: libjpeg-turbo and
+nvJPEG only warn and fill the missing rows. The torch backend rejects it (``truncated``,
+:func:`formats.load_checked`); for DALI runs, ``clipdistill index --decode`` finds such files
+first. 16-bit and float pixels are scaled by DALI's decoders (x / 257, 255 x); 32-bit integer
+pixels are rejected before decoding (:func:`formats.open_image`).
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ No torchvision: PIL, numpy and torch only. Needs no DALI.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +23,25 @@ from ..plan import OutputSpec, Planner, StepPlan, normalize_hwc_uint8
 
 def _pil_filter(interpolation: str):
     return Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
+
+
+def rgb8(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of a decoded image, deeper pixels scaled as DALI scales them.
+
+    16-bit pixels (PIL modes I;16*) become round(x / 257), float pixels (mode F) round(255 x),
+    clipped to 0..255; other modes (L, CMYK, P, RGBA, ...) go through PIL's convert. PIL's own
+    convert would clip 16-bit values at 255 (a white image). 16-bit RGB PNGs are opened by PIL
+    as 8-bit RGB (the high byte: at most one level below DALI's rounding).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in formats.SIXTEEN_BIT_MODES:
+        gray = np.rint(np.asarray(img).astype(np.float32) / 257.0)
+    elif img.mode in formats.FLOAT_MODES:
+        gray = np.clip(np.rint(np.asarray(img, dtype=np.float32) * 255.0), 0, 255)
+    else:
+        return img.convert("RGB")
+    return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
 
 
 def decode_plan(plan: StepPlan, outputs: Sequence[OutputSpec], interpolation: str,
@@ -47,11 +65,8 @@ def decode_plan(plan: StepPlan, outputs: Sequence[OutputSpec], interpolation: st
                 img = plan.opened[r] if plan.opened and plan.opened[r] is not None else None
                 if img is None:
                     img, _ = formats.image_size(plan.encoded[r])
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    img.load()
-                if img.mode != "RGB":
-                    img = img.convert("RGB")  # L, CMYK, P, RGBA, I;16 ... -> RGB
+                formats.load_checked(img, plan.encoded[r])
+                img = rgb8(img)
                 decoded[sid] = img
             x, y, w, h = (int(v) for v in plan.crops[r])
             for o in outputs:
@@ -63,7 +78,10 @@ def decode_plan(plan: StepPlan, outputs: Sequence[OutputSpec], interpolation: st
             rows = plan.sample_ids == sid
             for o in outputs:
                 arrays[o.name][rows] = 0
-            plan.reject_sample(sid, locate(sid), formats.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, formats.TruncatedImage):
+                plan.reject_sample(sid, locate(sid), formats.TRUNCATED, str(exc))
+            else:
+                plan.reject_sample(sid, locate(sid), formats.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
             decoded.pop(sid, None)
     return arrays
 

@@ -76,6 +76,8 @@ def _rows(folder) -> list[dict]:
 
 
 @pytest.mark.distributed
+# About 95 s on 2 cores: slow tier; test_quick_largest_with_bf16_partitions runs the path by default.
+@pytest.mark.slow
 def test_quick_largest_runs_every_rung_with_and_without_offload(tmp_path, capsys):
     pytest.importorskip("deepspeed", reason="the distributed tier needs DeepSpeed: pip install -e '.[deepspeed]'")
     from clipdistill.engine.parallel.zero import build_vision_tower

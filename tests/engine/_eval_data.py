@@ -77,8 +77,8 @@ class World:
         return build_teacher(TINY_TEACHER, str(self.teacher_weights))
 
     def teacher_vectors(self, names, templates=("a photo of a {}.",)):
-        from clipdistill.engine.models.class_vectors import encode_class_names
         from clipdistill.engine.models import get_tokenizer
+        from clipdistill.engine.models.class_vectors import encode_class_names
 
         teacher = self.teacher()
         return encode_class_names(teacher.encode_text, get_tokenizer(TINY_TEACHER), list(names), list(templates))
@@ -88,9 +88,9 @@ class World:
 
         Returns (checkpoint path, learner in eval mode).
         """
-        from clipdistill.engine.training.checkpoint import save_checkpoint
         from clipdistill.engine.config.run import dump_run_config, load_run_config
         from clipdistill.engine.evaluation.export import construct_learner
+        from clipdistill.engine.training.checkpoint import save_checkpoint
 
         method = "promptkd" if kind == "promptkd" else "kdpl"
         cfg = load_run_config({
@@ -137,14 +137,7 @@ def loader_images(samples, size: int = 32):
 
 
 def run_cli(*argv) -> int:
-    """``clipdistill eval|export|predict ARGV`` through the commands' own parsers; the exit code."""
-    import argparse
+    """``clipdistill eval|export|predict ARGV`` through the real command line; the exit code."""
+    from clipdistill.engine.cli import main
 
-    from clipdistill.engine.commands import evaluate, export
-
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    subparsers = parser.add_subparsers()
-    evaluate.register(subparsers)
-    export.register(subparsers)
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main([str(a) for a in argv])

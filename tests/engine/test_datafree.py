@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,13 +60,10 @@ def styled(teacher, teacher_tokenizer, class_names):
 
 
 def _cli(argv: list[str]) -> int:
-    """Run the data-free commands through argparse, as clipdistill's CLI does with register()."""
-    from clipdistill.engine.commands import datafree
+    """Run the data-free commands through the real command line; the exit code."""
+    from clipdistill.engine.cli import main
 
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    datafree.register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -178,6 +177,70 @@ def test_each_generator_raises_the_teachers_similarity_to_its_prompt(name, teach
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_cutouts_shapes_order_and_per_image_independence():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 40, 48)  # not square, not the teacher's side
+    cut = generators.Cutouts(24, n_cutouts=5)
+    views = cut(images, _gens([1, 2, 3]))
+    assert views.shape == (5 * 3, 3, 24, 24) and torch.isfinite(views).all()
+    # Image 0's views depend on its own seed only, whatever its batch-mates are.
+    other = cut(images[[0, 2]], _gens([1, 9]))
+    torch.testing.assert_close(other.view(5, 2, 3, 24, 24)[:, 0], views.view(5, 3, 3, 24, 24)[:, 0], rtol=0, atol=0)
+    # Deterministic under a seed; per-image boxes: the same picture with two seeds gives other views.
+    torch.testing.assert_close(cut(images, _gens([1, 2, 3])), views, rtol=0, atol=0)
+    twins = cut(images[[0, 0]], _gens([4, 5])).view(5, 2, 3, 24, 24)
+    assert (twins[:, 0] - twins[:, 1]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    # Varied scales: the crops' sides spread over [cut_min, 1] of the shorter side.
+    frac = cut.cut_min + (1 - cut.cut_min) * cut.draw(_gens(range(20)), torch.device("cpu"))[..., 0]
+    assert frac.min() < 0.6 and frac.max() > 0.9
+    with pytest.raises(ValueError, match="one generator per image"):
+        cut(images, _gens([1]))
+    with pytest.raises(ValueError, match="unknown cutout augmentation"):
+        generators.Cutouts(24, augment="kornia")
+
+
+def test_cutout_geometry_against_direct_references():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16)
+    off = generators.CutoutAugment(flip_p=0, sharpness_p=0, affine_p=0, perspective_p=0, jitter_p=0, noise=0)
+    # Whole-image crops with nothing else: the image itself (identity resampling).
+    same = generators.Cutouts(16, n_cutouts=2, cut_min=1.0, augment=off)(images, _gens([0, 1]))
+    torch.testing.assert_close(same, images.repeat(2, 1, 1, 1), rtol=0, atol=1e-5)
+    # Always flipped: the mirror image.
+    flip = dataclasses.replace(off, flip_p=1.0)
+    flipped = generators.Cutouts(16, n_cutouts=1, cut_min=1.0, augment=flip)(images, _gens([0, 1]))
+    torch.testing.assert_close(flipped, images.flip(-1), rtol=0, atol=1e-5)
+    # A half-size crop at 2x: each output pixel pair samples one input pixel region (bilinear reference).
+    half = generators.Cutouts(16, n_cutouts=1, cut_min=0.5, cut_pow=1e9, augment=off)  # u**huge -> 0: side 0.5
+    u = half.draw(_gens([3]), torch.device("cpu")).view(1, -1)
+    ex = 0.5
+    cx, cy = ((2 * u[0, 1] - 1) * (1 - ex)).item(), ((2 * u[0, 2] - 1) * (1 - ex)).item()
+    theta = torch.tensor([[[ex, 0.0, cx], [0.0, ex, cy]]])
+    reference = torch.nn.functional.grid_sample(
+        images[:1], torch.nn.functional.affine_grid(theta, (1, 3, 16, 16), align_corners=False),
+        mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(half(images[:1], _gens([3])), reference, rtol=0, atol=1e-5)
+    # The color matrix keeps gray gray (hue rotation and saturation fix the luma axis).
+    cut = generators.Cutouts(16, augment=dataclasses.replace(off, jitter_p=1.0, hue=0.3, saturation=0.5))
+    matrices = cut.color_matrices(cut.draw(_gens([5]), torch.device("cpu")).view(-1, 23))
+    gray = torch.full((3,), 0.4)
+    torch.testing.assert_close(matrices @ gray, gray.expand(matrices.shape[0], 3), rtol=0, atol=1e-5)
+    assert (matrices - torch.eye(3)).abs().amax() > 1e-3
+    # Sharpening keeps a flat image flat and raises a checkerboard's contrast; noise has sigma in [0, noise].
+    sharp = generators.Cutouts(16, n_cutouts=4, cut_min=1.0, augment=dataclasses.replace(off, sharpness_p=1.0))
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(sharp(flat, _gens([0])), flat.expand(4, 3, 16, 16), rtol=0, atol=1e-6)
+    board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]).remainder(2).float().expand(1, 3, 16, 16) * 0.5 + 0.25
+    assert (sharp(board, _gens([0])).std(dim=(1, 2, 3)) > board.std() + 1e-4).all()
+    noisy = generators.Cutouts(16, n_cutouts=8, cut_min=1.0, augment=dataclasses.replace(off, noise=0.1))
+    sigma = (noisy(flat, _gens([0])) - 0.3).std(dim=(1, 2, 3))
+    assert (sigma < 0.1 * 1.1).all() and sigma.max() - sigma.min() > 0.01
+
+
 def test_spherical_distance_matches_the_angle():
     a = torch.nn.functional.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
     b = torch.nn.functional.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
@@ -276,6 +339,55 @@ def test_synthesized_images_match_a_fresh_uninterrupted_run(tmp_path, teacher, t
         assert (a / entry["path"]).read_bytes() == (b / entry["path"]).read_bytes()
 
 
+def test_one_default_generator_fails_fast_without_weights(tmp_path, teacher, teacher_tokenizer, class_names, capsys):
+    from clipdistill.engine.commands import datafree
+
+    parser = argparse.ArgumentParser()
+    datafree.register(parser.add_subparsers())
+    parsed = parser.parse_args(["synthesize", "--classes", "c.txt", "--out", "o"])
+    assert synthesize.SynthesisPlan.generator == parsed.generator == generators.DEFAULT_GENERATOR == "vqgan"
+    assert parsed.augment == synthesize.SynthesisPlan.augment == "vqgan-clip"
+    plan = _plan(class_names, generator=generators.DEFAULT_GENERATOR)
+    with pytest.raises(ValueError, match="--vqgan.*convert-vqgan"):
+        synthesize.synthesize(plan, tmp_path / "lib", teacher, teacher_tokenizer, progress=False)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    capsys.readouterr()
+    assert _cli(["synthesize", "--class-names", str(classes), "--out-dir", str(tmp_path / "cli"),
+                 "--teacher", TINY_TEACHER]) == 2
+    assert re.match(r"^clipdistill synthesize: error: .*--vqgan DIR.*clipdistill convert-vqgan CKPT --out-dir DIR",
+                    capsys.readouterr().err)
+    assert _cli(["synthesize", "--class-names", str(classes), "--out-dir", str(tmp_path / "cli"),
+                 "--vqgan", str(tmp_path / "no")]) == 2
+    assert "--vqgan" in capsys.readouterr().err
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()  # nothing written
+
+
+def test_the_cutout_set_is_part_of_the_plan(tmp_path, teacher, teacher_tokenizer, class_names):
+    plan = _plan(class_names[:2], per_class=1, augment="crops")
+    synthesize.synthesize(plan, tmp_path / "s", teacher, teacher_tokenizer, progress=False)
+    assert json.loads((tmp_path / "s" / synthesize.PLAN_FILE).read_text())["augment"] == "crops"
+    with pytest.raises(ValueError, match="differs in \\['augment'\\]"):
+        synthesize.synthesize(_plan(class_names[:2], per_class=1), tmp_path / "s", teacher, teacher_tokenizer,
+                              progress=False)
+    with pytest.raises(ValueError, match="unknown cutout augmentation"):
+        synthesize.synthesize(_plan(class_names[:2], augment="kornia"), tmp_path / "t", teacher, teacher_tokenizer)
+
+
+def test_a_set_made_before_per_image_cutouts_reads_but_does_not_resume(tmp_path, teacher, teacher_tokenizer, class_names):
+    plan = _plan(class_names[:2], per_class=1)
+    out = tmp_path / "old"
+    synthesize.synthesize(plan, out, teacher, teacher_tokenizer, progress=False)
+    stored = json.loads((out / synthesize.PLAN_FILE).read_text())
+    del stored["augment"]  # what today's main writes
+    (out / synthesize.PLAN_FILE).write_text(json.dumps(stored))
+    from clipdistill.engine.datafree.dataset import SyntheticImages
+
+    assert SyntheticImages(out).plan.augment == synthesize.LEGACY_AUGMENT and len(SyntheticImages(out)) == 2
+    with pytest.raises(ValueError, match="earlier clipdistill.*new --out folder"):
+        synthesize.synthesize(_plan(class_names[:2], per_class=2), out, teacher, teacher_tokenizer, progress=False)
+
+
 def test_read_class_names(tmp_path):
     # The data-free commands read class files with the engine's one reader (clipdistill.engine.io).
     from clipdistill.engine.io import read_class_names
@@ -331,13 +443,13 @@ def test_student_logits_and_loss_parts(teacher):
 def test_synthesize_distill_eval_end_to_end(tmp_path, class_names):
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(class_names) + "\n")
-    common = ["--classes", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
+    common = ["--class-names", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
               "--teacher", TINY_TEACHER, "--contrastive-steps", "5", "--no-progress", "--batch-size", "10"]
     train, held = tmp_path / "train", tmp_path / "held"
-    assert _cli(["synthesize", *common, "--out", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
-    assert _cli(["synthesize", *common, "--out", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
+    assert _cli(["synthesize", *common, "--out-dir", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
+    assert _cli(["synthesize", *common, "--out-dir", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
     ckpt = tmp_path / "ckpt"
-    argv = ["distill-datafree", "--data", str(train), "--out", str(ckpt), "--student", "test_resnet",
+    argv = ["distill-datafree", "--data", str(train), "--out-dir", str(ckpt), "--student", "test_resnet",
             "--image-size", "32", "--epochs", "6", "--batch-size", "10", "--feature-weight", "0.1",
             "--eval-data", str(held), "--no-progress"]
     assert _cli(argv) == 0
@@ -393,3 +505,22 @@ def test_commands_register_without_heavy_imports():
     from clipdistill.engine.commands import datafree as cli
 
     assert cli.DIVERSIFIERS == diversify.DIVERSIFIERS and cli.GENERATORS == generators.GENERATORS
+
+
+def test_readme_data_free_commands_parse():
+    # The README's data-free walk-through uses only arguments the commands accept.
+    import shlex
+
+    from clipdistill.engine.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### Data-free distillation", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("clipdistill ")]
+    assert [ln.split()[1] for ln in lines] == ["convert-vqgan", "synthesize", "synthesize", "datafree-report",
+                                               "distill-datafree", "datafree-eval"]
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert callable(args.func)
+        if args.command == "synthesize":
+            assert args.generator == "vqgan" and args.vqgan and args.augment == "vqgan-clip"

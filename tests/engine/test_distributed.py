@@ -447,7 +447,9 @@ def padded_data(shape_folder) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+# The compiled variant (about 80 s on 2 cores, mostly compilation) runs in the slow tier.
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
 def test_unequal_real_rows_per_rank_train_as_one_process(two_rank_runs, padded_data, tmp_path, compiled):
     """Ranks holding unequal numbers of real rows (an epoch's short last step, where rank 1 holds
     padding only; a corrupt image rejected by whichever rank draws it), with gradient accumulation

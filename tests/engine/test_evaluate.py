@@ -128,7 +128,7 @@ def test_eval_numbers_equal_a_direct_computation(world, tmp_path, capsys):
     checkpoint, learner = world.distilled("coop", {"n_ctx": 4, "init_words": "a photo of a"}, out="eval_coop")
     out = tmp_path / "report.json"
     rc = run_cli("eval", "--data", world.labeled, "--class-names", world.names, "--data", world.labeled_other,
-                 "--class-names", world.other_names, "--distilled", checkpoint, "--base-to-novel",
+                 "--class-names", world.other_names, "--checkpoint", checkpoint, "--base-to-novel",
                  "--unlabeled", world.unlabeled, "--device", "cpu", "--workers", "1", "--batch-size", "4",
                  "--cache-dir", world.cache, "--out", out)
     assert rc == 0
@@ -190,19 +190,19 @@ def test_eval_without_a_distilled_student(world, capsys):
 
 def test_eval_refuses_promptkd_on_new_names_without_its_teacher(world, capsys):
     checkpoint, _ = world.distilled("promptkd", {"n_ctx": 2, "depth": 2}, out="eval_promptkd")
-    rc = run_cli("eval", "--data", world.labeled_other, "--distilled", checkpoint, "--no-teacher",
+    rc = run_cli("eval", "--data", world.labeled_other, "--checkpoint", checkpoint, "--no-teacher",
                  "--device", "cpu", "--workers", "1")
     assert rc == 2
     assert "teacher's class vectors" in capsys.readouterr().err
     # With its teacher (recorded in the checkpoint), the same evaluation runs.
-    rc = run_cli("eval", "--data", world.labeled_other, "--distilled", checkpoint, "--device", "cpu",
+    rc = run_cli("eval", "--data", world.labeled_other, "--checkpoint", checkpoint, "--device", "cpu",
                  "--workers", "1")
     assert rc == 0
 
 
 def test_eval_refuses_another_student_architecture(world, capsys):
     checkpoint, _ = world.distilled("vpt", {"n_tokens": 2, "depth": 2}, out="eval_vpt")
-    rc = run_cli("eval", "--data", world.labeled, "--distilled", checkpoint, "--student", data.TINY_TEACHER,
+    rc = run_cli("eval", "--data", world.labeled, "--checkpoint", checkpoint, "--student", data.TINY_TEACHER,
                  "--device", "cpu", "--workers", "1")
     assert rc == 2
     err = capsys.readouterr().err

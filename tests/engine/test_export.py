@@ -55,7 +55,7 @@ def _in_memory_probabilities(world, learner, kind, images):
 def test_export_then_predict_equals_the_in_memory_student(world, capsys, kind, options, tmp_path):
     checkpoint, learner = world.distilled(kind, options, out=f"run_{kind}")
     out = tmp_path / f"{kind}.safetensors"
-    assert run_cli("export", checkpoint, "--out", out, "--device", "cpu") == 0
+    assert run_cli("export", "--checkpoint", checkpoint, "--out", out, "--device", "cpu") == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["learner"] == kind and summary["classes"] == 5
 
@@ -75,7 +75,7 @@ def test_export_then_predict_equals_the_in_memory_student(world, capsys, kind, o
     if kind == "promptkd":  # the projector's batch-norm statistics travel with it
         assert "learner.projector.layers.1.running_var" in keys
 
-    lines = _predict_lines(capsys, world.unlabeled, "--model", out, "--top-k", "3", "--cache-dir", world.cache)
+    lines = _predict_lines(capsys, world.unlabeled, "--checkpoint", out, "--top-k", "3", "--cache-dir", world.cache)
     ids, images = data.loader_images(export.image_samples([str(world.unlabeled)], cache_dir=world.cache))
     probabilities = _in_memory_probabilities(world, learner, kind, images)
     assert len(lines) == len(ids) == 7
@@ -91,13 +91,13 @@ def test_export_then_predict_equals_the_in_memory_student(world, capsys, kind, o
 def test_predict_loads_no_teacher(world, capsys, tmp_path, forbid):
     checkpoint, _ = world.distilled("promptkd", {"n_ctx": 2, "depth": 2}, out="run_noteacher")
     out = tmp_path / "pkd.safetensors"
-    assert run_cli("export", checkpoint, "--out", out, "--device", "cpu") == 0
+    assert run_cli("export", "--checkpoint", checkpoint, "--out", out, "--device", "cpu") == 0
     capsys.readouterr()
     from clipdistill.engine.models.clip import build_teacher
 
     forbid(build_teacher, "predict must not load the teacher")
     images = sorted(str(p) for p in world.unlabeled.glob("*.png"))[:2]
-    lines = _predict_lines(capsys, *images, "--model", out, "--top-k", "1")
+    lines = _predict_lines(capsys, *images, "--checkpoint", out, "--top-k", "1")
     assert [line["image"] for line in lines] == images
     assert all(len(line["top"]) == 1 and 0 < line["top"][0]["score"] <= 1 for line in lines)
 
@@ -153,7 +153,7 @@ def _rewrite(src: Path, dst: Path, edit_header=None, edit_tensors=None) -> Path:
 def test_refuses_another_student_architecture(world, coop_export, capsys):
     with pytest.raises(ExportError, match=rf"trained on student '{data.TINY_STUDENT}'.*'{data.TINY_TEACHER}'"):
         load_export(coop_export, expect_student=data.TINY_TEACHER)
-    assert run_cli("predict", world.unlabeled, "--model", coop_export, "--student", data.TINY_TEACHER,
+    assert run_cli("predict", world.unlabeled, "--checkpoint", coop_export, "--student", data.TINY_TEACHER,
                    "--device", "cpu") == 2
     assert "prompts do not carry over between architectures" in capsys.readouterr().err
 
@@ -228,7 +228,7 @@ def test_predict_reports_unreadable_images_in_place(world, coop_export, capsys, 
     for i, path in enumerate(good):
         shutil.copy(path, folder / f"{i * 2}.png")
     (folder / "1.png").write_bytes(b"not an image at all")
-    lines = _predict_lines(capsys, folder, "--model", coop_export, "--top-k", "2")
+    lines = _predict_lines(capsys, folder, "--checkpoint", coop_export, "--top-k", "2")
     assert [Path(line["image"]).name for line in lines] == ["0.png", "1.png", "2.png"]
     assert "error" in lines[1] and "top" not in lines[1]
     assert all(len(lines[i]["top"]) == 2 for i in (0, 2))

@@ -176,7 +176,7 @@ def test_cli_cache_teacher_prints_a_summary(data_dir, tmp_path, run_config):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(data_dir, tmp_path / "run")))
     exe = Path(sys.executable).parent / "clipdistill"
-    proc = subprocess.run([str(exe), "cache-teacher", "--config", str(config), "--views", "2", "--out",
+    proc = subprocess.run([str(exe), "cache-teacher", "--config", str(config), "--views", "2", "--out-dir",
                            str(tmp_path / "cache"), "--shard-size", "8", "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

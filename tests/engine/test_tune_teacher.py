@@ -10,7 +10,6 @@ predictions, and without it SGD escapes the initial plateau only erratically.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -19,19 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.engine.commands.demo import CLASSES, STUDENT_WORDS, make_dataset, pretrain_clip, render_image, to_tensor
+from clipdistill.engine.cli import main
+from clipdistill.engine.commands.demo import (CLASSES, STUDENT_WORDS, make_dataset, pretrain_clip, render_image,
+                                              to_tensor)
 from clipdistill.engine.models import TINY_TEACHER, get_tokenizer, load_clip
+from clipdistill.engine.models.tuned import (FORMAT, TunedTeacher, load_tuned_teacher, read_tuned_header,
+                                             tuned_teacher_class_vectors)
 from clipdistill.engine.prompts import build_learner
-from clipdistill.engine.commands.tune_teacher import register
-from clipdistill.engine.models.tuned import FORMAT, TunedTeacher, load_tuned_teacher, read_tuned_header
-from clipdistill.engine.training.tune_teacher import (
-    TuneSettings,
-    TuneTeacherInputError,
-    draw_shots,
-    labeled_accuracy,
-    tune_teacher,
-)
-from clipdistill.engine.models.tuned import tuned_teacher_class_vectors
+from clipdistill.engine.training.tune_teacher import (TuneSettings, TuneTeacherInputError, draw_shots,
+                                                      labeled_accuracy, tune_teacher)
 
 SIDE = 32  # the tiny teacher's input size
 SMALL_PROMPTS = {"n_text_ctx": 4, "text_depth": 3, "n_vision_ctx": 4, "vision_depth": 3}  # 3-layer towers
@@ -300,10 +295,7 @@ def test_labeled_accuracy_matches_the_tuning_report(tuned, shapes):
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="clipdistill")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_tunes_and_refuses_short_classes(tmp_path, capsys):

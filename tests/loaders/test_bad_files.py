@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clipdistill.loaders import EmptySourceError, ImageLoader, OutputSpec
-from clipdistill.loaders.synthetic import LOADABLE_KINDS, encode, natural_image
 from clipdistill.loaders.sources import resolve_source
+from clipdistill.loaders.synthetic import LOADABLE_KINDS, encode, natural_image
 
 G = 4
 OUT = (OutputSpec("student", 16),)
@@ -100,12 +100,13 @@ def test_files_deleted_or_unreadable_after_indexing_are_rejected(tmp_path, bad_f
     shutil.copytree(root, work)
     for k in REASONS:  # keep only the good files
         (work / kinds[k].name).unlink()
-    samples = resolve_source(work, cache_dir=cache_dir)  # indexed (and saved) now
+    samples = resolve_source(work, cache_dir=cache_dir)  # indexed now, into a list file
+    samples.save(tmp_path / "indexed.list")  # (a folder's saved list would be rescanned: its folder changed)
     names = sorted(samples.paths)[:2]
     (work / names[0]).unlink()  # deleted
     (work / names[1]).unlink()
     (work / names[1]).mkdir()  # now unreadable as a file (works as root too, unlike chmod 000)
-    ld = ImageLoader(work, global_batch_size=G, outputs=OUT, backend=cpu_backend, cache_dir=cache_dir, workers=2)
+    ld = ImageLoader(tmp_path / "indexed.list", global_batch_size=G, outputs=OUT, backend=cpu_backend, workers=2)
     seen, steps, rejects = _epoch([ld])
     assert rejects == {names[0]: "missing", names[1]: "unreadable"}
     assert len(seen) == len(samples) - 2 and len(set(seen)) == len(seen)
