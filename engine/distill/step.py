@@ -185,7 +185,9 @@ class DistillStep(nn.Module):
     # the names nn.Module gives them ("student.<key>"), so a trainer that embeds this step
     # (Lightning, Hugging Face) checkpoints the prompts, not the backbones; load_state_dict() does
     # not miss the frozen parts, and a full state dict (an older checkpoint) still loads.
-    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        if args:  # nn.Module's deprecated positional form: destination, prefix, keep_vars
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
         own = self.student.state_dict(prefix=prefix + "student.", keep_vars=keep_vars)
         frozen = prefix + "student." + BACKBONE_PREFIX
         if destination is None:

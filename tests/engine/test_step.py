@@ -138,6 +138,7 @@ def test_state_dict_holds_the_learner_only_and_loads_strictly():
     step = _embedding_parts()
     state = step.state_dict()
     assert set(state) == {f"student.{key}" for key in step.state_to_save()} == {"student.prompts.ctx"}
+    assert set(step.state_dict(None, "p.")) == {"p.student.prompts.ctx"}  # nn.Module's positional form
     with torch.no_grad():
         step.student.prompts.ctx.add_(1.0)
     fresh = _embedding_parts()
