@@ -58,6 +58,7 @@ def make_epoch_fns(args, work: Path) -> tuple[dict[str, Callable[[], object]], f
     from clipdistill.engine.config.run import load_run_config
     from clipdistill.engine.training.teacher_cache import build_teacher_cache
     from clipdistill.engine.training.builder import build_run
+    from clipdistill.engine.training.run_dir import RUN_ENTRIES
     from clipdistill.engine.training.trainer import Trainer
 
     images = make_images(work / "images", args.images, 64 if args.quick else 500)
@@ -75,8 +76,10 @@ def make_epoch_fns(args, work: Path) -> tuple[dict[str, Callable[[], object]], f
                         log=lambda m: None)
 
         def epoch(run=run, provider=provider):
-            # A fresh trainer per epoch (one epoch of optimizer steps); the loader moves on.
-            shutil.rmtree(work / provider / "checkpoints", ignore_errors=True)
+            # A fresh trainer per epoch (one epoch of optimizer steps), a new run in an emptied folder
+            # (out_dir holds one run); the loader moves on.
+            for path in (work / provider / name for name in RUN_ENTRIES):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             Trainer(run, log=lambda m: None).fit()
 
         fns[provider] = epoch

@@ -312,15 +312,17 @@ def _install_clipdistill(suite: "Suite", deadline: float) -> str:
               deadline - time.time())
     if rc == 0:
         return "clipdistill -e ."
-    # No usable setuptools there: expose the three folders as the clipdistill namespace by links.
-    namespace = suite.site_dir / "clipdistill"
-    namespace.mkdir(parents=True, exist_ok=True)
-    for name in ("engine", "kernels", "loaders"):
-        link = namespace / name
+    # No usable setuptools there: lay out the clipdistill package by links (its __init__.py from
+    # src/clipdistill, the three folders as its subpackages), as setup.py's package_dir maps them.
+    package = suite.site_dir / "clipdistill"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in ("__init__.py", "engine", "kernels", "loaders"):
+        link = package / name
+        target = REPO_ROOT / "src" / "clipdistill" / name if name.endswith(".py") else REPO_ROOT / name
         if not link.exists():
-            link.symlink_to(REPO_ROOT / name, target_is_directory=True)
+            link.symlink_to(target, target_is_directory=target.is_dir())
     suite.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(suite.site_dir), suite.env.get("PYTHONPATH")]))
-    return "clipdistill linked into the namespace (pip -e failed; no console script)"
+    return "clipdistill linked into site-packages (pip -e failed; no console script)"
 
 
 def _core_wheels(suite: "Suite") -> tuple[list[Path], str]:

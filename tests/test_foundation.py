@@ -133,8 +133,9 @@ def test_editable_install_keeps_an_installed_torch(tmp_path):
     """`pip install -e .` where torch (say a CUDA build) is installed but torchvision is not.
 
     Unpinned, open_clip pulls the newest torchvision, which needs a newer torch,
-    and pip would replace the user's torch. setup.py narrows torchvision to the
-    release built for the installed torch. The environment here has a stand-in
+    and pip would replace the user's torch. For an editable install the build
+    backend (_build_backend.py, through setup.py) narrows torchvision to the
+    release built for the installed torch (tests/test_packaging.py: wheels do not). The environment here has a stand-in
     torch 2.13.0 (its metadata only); pip resolves, without installing anything.
     """
     import venv

@@ -299,8 +299,11 @@ def _demo_run_config(out: Path, checkpoints: dict[str, Path], data: _DemoData, *
                  "templates": "generic", "batch_size": 32, "backend": "torch", "workers": 0,
                  "min_scale": 0.5, "interpolation": "bilinear"},
         "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_steps": 5, "warmup_lr": None},
+        # A rerun regenerates the data and the models, so it replaces the previous demo's run (moved
+        # to run/previous/<its run id>/) rather than refusing or resuming it.
         "train": {"epochs": distill_epochs, "seed": seed, "device": "cpu", "out_dir": str(out / "run"),
-                  "log_every": 5, "checkpoint_every": 50, "progress": True},  # drawn only on a terminal
+                  "log_every": 5, "checkpoint_every": 50, "progress": True,  # drawn only on a terminal
+                  "overwrite": True},
     }
 
 

@@ -19,6 +19,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = [f"train.{o}" if o.startswith("deepspeed=") else o for o in args.overrides]
     if getattr(args, "resume", False):
         overrides.append("train.resume=true")
+    if getattr(args, "overwrite", False):
+        overrides.append("train.overwrite=true")
     if getattr(args, "out_dir", None):
         overrides.append(f"train.out_dir={args.out_dir}")
     return load_run_config(args.config, overrides, recipe=args.recipe)
@@ -67,7 +69,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "Recipes: " + ", ".join(RECIPES) + ".",
     )
     add_run_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run recorded in train.out_dir from its newest intact checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a train.out_dir that holds another one (that run's files move "
+                             "to train.out_dir/previous/<its run id>/; nothing is deleted)")
     parser.add_argument("--out-dir", default=None, metavar="DIR", help="the run's folder (sets train.out_dir)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit (builds nothing)")

@@ -151,6 +151,7 @@ class TrainConfig:
     keep_last: int = 3
     out_dir: str = "runs/clipdistill"
     resume: bool = False
+    overwrite: bool = False  # a new run in an out_dir holding another run: move that run to out_dir/previous/
     progress: bool = True
     tensorboard: bool = False
     class_vector_cache: Optional[str] = None  # default: <out_dir>/class_vectors

@@ -37,13 +37,14 @@ construction (they are frozen), so a step never synchronizes with the host.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.engine.prompts.learners import PROMPTSRC_LOSS_WEIGHTS, PromptLearner
+from clipdistill.engine.prompts.learners import BACKBONE_PREFIX, PROMPTSRC_LOSS_WEIGHTS, PromptLearner
 from clipdistill.kernels import kd_loss, kl_rows_reference
 
 Recipe = Literal["kdpl", "promptkd"]
@@ -69,6 +70,11 @@ def symmetric_kl_from_logits(
         return rows.mean()
     w = row_weights.to(rows.dtype)
     return (w * rows).sum() / w.sum()
+
+
+def _frozen_parts_are_not_missing(step: "DistillStep", incompatible) -> None:
+    frozen = (step._state_prefix + "teacher.", step._state_prefix + "student." + BACKBONE_PREFIX)
+    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if not key.startswith(frozen)]
 
 
 class DistillStep(nn.Module):
@@ -149,6 +155,8 @@ class DistillStep(nn.Module):
         # Frozen scales, read once: no host synchronization inside a step.
         self.student_logit_scale = float(student.logit_scale)
         self.teacher_logit_scale = float(teacher.logit_scale)
+        self._state_prefix = ""  # where this step sits in the state dict being loaded
+        self.register_load_state_dict_post_hook(_frozen_parts_are_not_missing)
         if teacher_class_vectors.shape[1] != self._teacher_dim():
             raise ValueError(
                 f"teacher_class_vectors have dimension {teacher_class_vectors.shape[1]} but the teacher's "
@@ -171,6 +179,28 @@ class DistillStep(nn.Module):
 
     def load_saved_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self.student.load_saved_state(dict(state))
+
+    # The frozen parts (the teacher, the student's backbone) come from their weights, never from a
+    # checkpoint. state_dict() holds the learner's own state only (state_to_save's tensors), under
+    # the names nn.Module gives them ("student.<key>"), so a trainer that embeds this step
+    # (Lightning, Hugging Face) checkpoints the prompts, not the backbones; load_state_dict() does
+    # not miss the frozen parts, and a full state dict (an older checkpoint) still loads.
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        if args:  # nn.Module's deprecated positional form: destination, prefix, keep_vars
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+        own = self.student.state_dict(prefix=prefix + "student.", keep_vars=keep_vars)
+        frozen = prefix + "student." + BACKBONE_PREFIX
+        if destination is None:
+            destination = OrderedDict()
+            destination._metadata = OrderedDict()
+        if hasattr(destination, "_metadata"):
+            destination._metadata.update(getattr(own, "_metadata", {}))
+        destination.update((key, value) for key, value in own.items() if not key.startswith(frozen))
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._state_prefix = prefix
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "DistillStep":
         super().train(mode)

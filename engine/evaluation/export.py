@@ -119,6 +119,15 @@ def shape_differences(recorded: dict[str, list[int]], current: dict[str, list[in
     return out
 
 
+def state_differences(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """:func:`shape_differences` of two states, plus tensors whose kind (floating or integer) differs."""
+    out = shape_differences(_shapes(found), _shapes(expected))
+    for key in sorted(set(found) & set(expected)):
+        if found[key].is_floating_point() != expected[key].is_floating_point():
+            out.append(f"{key}: {found[key].dtype} in the file, {expected[key].dtype} expected")
+    return out
+
+
 def _read_safetensors_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -230,6 +239,7 @@ def _read_export(path: Path, metadata: dict) -> DistilledStudent:
     if missing:
         raise ExportError(f"{path}: the export header lacks {missing}")
     tensors = load_file(str(path))
+    check_export_header(path, header, tensors)
     learner_state = {k[len(LEARNER_PREFIX):]: v for k, v in tensors.items() if k.startswith(LEARNER_PREFIX)}
     backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
     return DistilledStudent(
@@ -241,6 +251,78 @@ def _read_export(path: Path, metadata: dict) -> DistilledStudent:
         backbone_state=backbone or None, header=header, step=header.get("source", {}).get("step"),
         prompt_placement=header["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT),
     )
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def check_export_header(path: Union[str, Path], header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse an export whose header values have the wrong type, or whose tensors do not fit it.
+
+    ``class_names``: a non-empty list of unique, non-empty strings, as many as the rows of
+    ``class_vectors``; ``class_vectors`` (C, D) of a floating dtype, present exactly when the
+    header names its space ("student" or "teacher"); learner and backbone tensors floating or
+    integer (never bool or complex); the model records (student, teacher, learner, templates)
+    of the types :func:`export_student` writes.
+
+    Raises:
+        ExportError: naming the first field that is wrong and what it holds.
+    """
+    def refuse(what: str) -> None:
+        raise ExportError(f"{path}: export header: {what}")
+
+    if not isinstance(header, dict):
+        refuse(f"a JSON object expected, found {type(header).__name__}")
+    if not _is_text(header["method"]):
+        refuse(f"'method' must be a non-empty string, found {header['method']!r}")
+    for record, required in (("student", ("name",)), ("teacher", ()), ("learner", ("kind",))):
+        value = header[record]
+        if not isinstance(value, dict):
+            refuse(f"'{record}' must be an object, found {type(value).__name__}")
+        for key in required:
+            if not _is_text(value.get(key)):
+                refuse(f"'{record}.{key}' must be a non-empty string, found {value.get(key)!r}")
+        for key in ("name", "weights", "weights_sha256", "precision"):
+            if value.get(key) is not None and not isinstance(value.get(key), str):
+                refuse(f"'{record}.{key}' must be a string or null, found {value.get(key)!r}")
+    if not isinstance(header["learner"].get("options") or {}, dict):
+        refuse(f"'learner.options' must be an object, found {header['learner']['options']!r}")
+    names = header["class_names"]
+    if not isinstance(names, list) or not names:
+        refuse(f"'class_names' must be a non-empty list of strings, found {names!r:.80}")
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not _is_text(name):
+            refuse(f"class name {i} must be a non-empty string, found {name!r}")
+        if name in first:
+            refuse(f"class name {i} repeats {name!r} (first at {first[name]})")
+        first[name] = i
+    templates = header["templates"]
+    if not isinstance(templates, list) or not templates or not all(_is_text(t) for t in templates):
+        refuse(f"'templates' must be a non-empty list of non-empty strings, found {templates!r:.80}")
+    space = header.get("class_vectors")
+    if space not in (None, "student", "teacher"):
+        refuse(f"'class_vectors' must be \"student\", \"teacher\" or null, found {space!r}")
+    vectors = tensors.get(CLASS_VECTORS)
+    if (vectors is None) != (space is None):
+        refuse(f"'class_vectors' says {space!r}, but the file {'lacks' if vectors is None else 'holds'} "
+               f"the class_vectors tensor")
+    if vectors is not None:
+        if not vectors.is_floating_point():
+            refuse(f"class_vectors must be a floating-point tensor, found {vectors.dtype}")
+        if vectors.dim() != 2 or vectors.shape[0] != len(names):
+            refuse(f"class_vectors of shape {tuple(vectors.shape)} for {len(names)} class names")
+    for key, tensor in tensors.items():
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            refuse(f"tensor {key!r} has dtype {tensor.dtype}")
+    shapes = header.get("backbone_shapes")
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+            isinstance(v, list) and all(isinstance(d, int) and d >= 0 for d in v) for v in shapes.values())):
+        refuse("'backbone_shapes' must map tensor names to lists of sizes")
+    for key in ("source", "versions"):
+        if header.get(key) is not None and not isinstance(header[key], dict):
+            refuse(f"'{key}' must be an object, found {header[key]!r:.80}")
 
 
 # ------------------------------------------------------------------------------ rebuilding
@@ -277,6 +359,10 @@ def build_backbone(
     if distilled.backbone_state is not None:
         clip = build_student(name, None, device="cpu", precision=precision)
         _check_backbone_shapes(distilled, clip)
+        differences = state_differences(distilled.backbone_state, clip.state_dict())
+        if differences:
+            raise ExportError(f"{distilled.path}: the embedded backbone does not fit the student {name!r} built by "
+                              f"open_clip {versions()['open_clip']}: {'; '.join(differences)}")
         clip.load_state_dict(distilled.backbone_state, strict=True)
         return clip.to(device)
     if student_weights is not None:
@@ -291,7 +377,11 @@ def build_backbone(
     elif weights is None:
         raise ExportError(f"{distilled.path}: the student {name!r} was random-init (weights null) and its "
                           f"backbone is not in the file; its prompts cannot be used with another random init")
-    clip = build_student(name, weights, device=device, precision=precision)
+    try:
+        clip = build_student(name, weights, device=device, precision=precision)
+    except RuntimeError as exc:  # weights that do not fit the architecture (open_clip's multi-line message)
+        raise ExportError(f"{distilled.path}: the student weights {weights!r} do not build {name!r}: "
+                          f"{' '.join(str(exc).split())[:400]}") from exc
     if distilled.source == "export":
         _check_backbone_shapes(distilled, clip)
     return clip
@@ -382,8 +472,7 @@ def rebuild_learner(
         templates=_templates(distilled, templates), teacher_dim=teacher_dim, options=options,
         prompt_placement=distilled.prompt_placement,
     ).to(device)
-    expected = _shapes(learner.state_to_save())
-    differences = shape_differences(_shapes(distilled.learner_state), expected)
+    differences = state_differences(distilled.learner_state, learner.state_to_save())
     if differences:
         raise ExportError(
             f"{distilled.path}: the saved {distilled.learner_kind} state does not fit a learner built with its "

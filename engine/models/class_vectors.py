@@ -215,8 +215,8 @@ def teacher_class_vectors(
     class_names: Sequence[str],
     templates: Sequence[str],
     *,
-    model_name: str,
-    weights: Optional[str],
+    model_name: Optional[str] = None,
+    weights: Optional[str] = None,
     cache_dir: Union[str, Path, None] = None,
     path: Union[str, Path, None] = None,
     batch_size: int = 1024,
@@ -224,12 +224,19 @@ def teacher_class_vectors(
 ) -> torch.Tensor:
     """The teacher's class vectors (C, D_teacher), from the cache when it holds exactly these.
 
-    ``teacher`` is anything with ``encode_text(tokens)`` (a :class:`Teacher`); ``model_name``
-    and ``weights`` are what it was built from and go into the cache key. For the
+    ``teacher`` is anything with ``encode_text(tokens)`` (a :class:`Teacher`). What it was built
+    from goes into the cache key: a Teacher from ``build_teacher`` knows its ``model_name`` and
+    ``weights``; pass them only for another teacher object (or to override). For the
     class-agnostic recipe pass the whole vocabulary once and index the result with the K
     selected ids each step.
     """
-    key = ClassVectorKey.make(model_name, weights, class_names, templates)
+    if model_name is None:
+        model_name, weights = getattr(teacher, "model_name", None), getattr(teacher, "weights", weights)
+    if model_name is None and (cache_dir is not None or path is not None):
+        raise ValueError(f"caching class vectors needs the teacher's model name and weights for the cache key: "
+                         f"pass model_name= and weights=, or a Teacher made by build_teacher "
+                         f"(this {type(teacher).__name__} does not record them)")
+    key = ClassVectorKey.make(model_name or type(teacher).__name__, weights, class_names, templates)
     if device is None:
         device = next(iter(teacher.parameters())).device if hasattr(teacher, "parameters") else "cpu"
 

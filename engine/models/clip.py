@@ -231,10 +231,13 @@ class Teacher(nn.Module):
     full precision.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, model_name: Optional[str] = None, weights: Optional[str] = None):
         super().__init__()
         self.model = freeze(model)
         self.model.eval()
+        # What it was built from (set by build_teacher): the class-vector cache's key.
+        self.model_name = model_name
+        self.weights = weights
 
     def train(self, mode: bool = True) -> "Teacher":
         # A teacher in train mode would apply patch dropout or dropout; refuse quietly.
@@ -289,7 +292,7 @@ def build_teacher(
     model = load_clip(
         model_name, weights, device=device, precision=precision or _default_precision(device), cache_dir=cache_dir
     )
-    return Teacher(model)
+    return Teacher(model, model_name=model_name, weights=None if weights is None else str(weights))
 
 
 def build_student(

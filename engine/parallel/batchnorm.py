@@ -109,6 +109,23 @@ class RowBatchNorm2d(_RowStatistics, nn.BatchNorm2d):
     :func:`synchronize` d, span every rank (see the module docstring)."""
 
 
+def row_batch_norm(norm: nn.Module, input: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``norm(input, row_mask)`` for a row batch norm; any other module there is refused by name.
+
+    torch's ``SyncBatchNorm.convert_sync_batchnorm`` (which Lightning's ``sync_batchnorm=True``
+    runs) swaps every batch norm of a model for a ``SyncBatchNorm``, which takes no row mask and
+    runs on GPUs only: the way to synchronize these is :func:`synchronize`.
+    """
+    if not isinstance(norm, _RowStatistics):
+        raise TypeError(
+            f"this batch norm became a {type(norm).__name__}, which cannot skip padding rows (no row_mask) "
+            f"(torch.nn.SyncBatchNorm.convert_sync_batchnorm does that; Lightning runs it for "
+            f"sync_batchnorm=True): leave that off and call "
+            f"clipdistill.engine.parallel.batchnorm.synchronize(module) on the module holding the step "
+            f"instead, which takes the statistics over every rank's real rows on any backend")
+    return norm(input, row_mask)
+
+
 def synchronize(module: nn.Module) -> nn.Module:
     """Take every batch norm in ``module`` over the whole distributed batch (real rows only).
 
@@ -137,4 +154,4 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
     return synchronize(module)
 
 
-__all__ = ["RowBatchNorm2d", "synchronize", "sync_batch_norm"]
+__all__ = ["RowBatchNorm2d", "row_batch_norm", "synchronize", "sync_batch_norm"]

@@ -34,7 +34,7 @@ from clipdistill.engine.models.class_vectors import encode_class_names
 from clipdistill.engine.models.clip import freeze, import_open_clip
 from clipdistill.engine.models.towers import TextTower, check_vision_tower
 from clipdistill.engine.models.towers import encode_image as _encode_image
-from clipdistill.engine.parallel.batchnorm import RowBatchNorm2d
+from clipdistill.engine.parallel.batchnorm import RowBatchNorm2d, row_batch_norm
 from clipdistill.kernels import kl_rows_reference
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
@@ -60,6 +60,10 @@ def scaled_logits(image_features: torch.Tensor, class_features: torch.Tensor, lo
     if class_features.dim() == 3:
         return logit_scale * torch.einsum("bd,bcd->bc", image_features, class_features)
     return logit_scale * image_features @ class_features.t()
+
+
+# The frozen backbone's names in a learner's state_dict: never saved, it comes from its weights.
+BACKBONE_PREFIX = "clip."
 
 
 class PromptLearner(nn.Module):
@@ -90,11 +94,11 @@ class PromptLearner(nn.Module):
     # -- what trains and what is saved -------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Name -> parameter for every tensor the optimizer must update, and nothing else."""
-        return {name: p for name, p in self.named_parameters() if not name.startswith("clip.")}
+        return {name: p for name, p in self.named_parameters() if not name.startswith(BACKBONE_PREFIX)}
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """The learner's own state (trainable tensors and persistent buffers), backbone excluded."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("clip.")}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
 
     def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`state_to_save` produced; every key must match."""
@@ -651,7 +655,7 @@ class ConvBNProjector(nn.Module):
 
     def forward(self, features: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         conv_in, norm, act, conv_out = self.layers
-        x = norm(conv_in(features[:, :, None, None]), row_mask)
+        x = row_batch_norm(norm, conv_in(features[:, :, None, None]), row_mask)
         return conv_out(act(x)).flatten(1)
 
 

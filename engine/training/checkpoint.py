@@ -5,13 +5,15 @@ optimizer's and scheduler's state dicts, RNG states, the loader's position,
 counters, the run's config). :func:`flatten_state` splits such a tree into a
 flat ``{name: tensor}`` mapping and a JSON skeleton where each tensor is
 replaced by a reference; both go into one ``.safetensors`` file (the skeleton in
-the header's metadata), so loading never unpickles anything.
+the header's metadata), so loading never unpickles anything. The header also holds a
+SHA-256 of the tensors, so a file garbled after it was written is refused, not trained on.
 
 Writes are atomic: the file is written under a temporary name in the same
 folder, flushed and fsynced, then renamed over the final name and the folder
 fsynced. A crash leaves either the previous checkpoints or the new one, never a
 torn file. ``keep_last`` prunes older checkpoints only after the new one is in
-place.
+place, never the new one, and with a ``run_id`` only checkpoints of that run (the id is in
+the header's metadata, readable without loading the tensors: :func:`read_checkpoint_run_id`).
 """
 from __future__ import annotations
 
@@ -145,14 +147,30 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_state(path: str | Path, state: dict) -> Path:
-    """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder)."""
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes: what the header's checksum covers."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_state(path: str | Path, state: dict, *, run_id: str | None = None) -> Path:
+    """Write ``state`` atomically to ``path`` (temporary file, fsync, rename, fsync of the folder).
+
+    ``run_id``: the run it belongs to, stored in the header's metadata.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = flatten_state(state)
     # safetensors refuses tensors that share memory; each stored tensor gets its own storage.
     tensors = {k: v.clone() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "state": json.dumps(skeleton, allow_nan=False)}
+    metadata["tensors_sha256"] = tensors_digest(tensors)
+    if run_id is not None:
+        metadata["run_id"] = run_id
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
@@ -163,15 +181,32 @@ def save_state(path: str | Path, state: dict) -> Path:
     return final
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None) -> Path:
-    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``."""
+def save_checkpoint(folder: str | Path, step: int, state: dict, *, keep_last: int | None = None,
+                    run_id: str | None = None) -> Path:
+    """Write ``state`` atomically as ``folder/step-<step>.safetensors``; prune to ``keep_last``.
+
+    With ``run_id`` the checkpoint records it, and pruning counts and removes only that run's
+    checkpoints (another run's, or one whose header cannot be read, are never touched). The
+    checkpoint just written is never pruned, whatever the steps of the others.
+    """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    final = save_state(checkpoint_path(folder, step), state)
+    final = save_state(checkpoint_path(folder, step), state, run_id=run_id)
     if keep_last is not None:
-        for _, old in list_checkpoints(folder)[:-keep_last]:
+        mine = [path for _, path in list_checkpoints(folder)
+                if path != final and (run_id is None or read_checkpoint_run_id(path) == run_id)]
+        for old in mine[:max(0, len(mine) - (keep_last - 1))]:
             old.unlink(missing_ok=True)
     return final
+
+
+def read_checkpoint_run_id(path: str | Path) -> str | None:
+    """The run id in a checkpoint's header; None for a checkpoint without one or an unreadable file."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("run_id")
+    except Exception:  # safetensors raises its own error types for torn/garbled files
+        return None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -187,6 +222,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc})") from exc
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a clipdistill checkpoint (format {metadata.get('format')!r})")
+    recorded = metadata.get("tensors_sha256")  # absent in checkpoints written before it was recorded
+    if recorded is not None and tensors_digest(tensors) != recorded:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its tensors do not match the checksum in "
+                              f"its header")
     return unflatten_state(json.loads(metadata["state"]), tensors)
 
 

@@ -25,6 +25,7 @@ import torch
 from clipdistill.engine.training.schedule import lr_at
 
 OPTIMIZERS = ("sgd", "adamw")
+MAX_RATE = float(torch.finfo(torch.float32).max)
 
 
 def make_optimizer(params: Iterable[torch.Tensor], *, name: str, lr: float, weight_decay: float = 0.0,
@@ -59,6 +60,12 @@ class OptimizerCore:
                  before_step: Optional[Callable[[], None]] = None, step: int = 0):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        for name, rate in (("learning rate", base_lr), ("warm-up learning rate", warmup_lr)):
+            # A rate past float32's range cannot even be applied (torch raises mid-step); one that fits
+            # but overflows the parameters is caught by the trainers' finiteness checks.
+            if rate is not None and not 0 <= rate <= MAX_RATE:
+                raise ValueError(f"{name} {rate!r} is out of range: it must be finite, >= 0 and at most "
+                                 f"{MAX_RATE:.4g} (float32's largest value)")
         self.optimizer = optimizer
         self.params = list(params)
         self.base_lr, self.total_steps = base_lr, total_steps

@@ -104,8 +104,47 @@ class CacheKey:
         return None
 
 
-def _key_from_json(data: dict) -> CacheKey:
+_KEY_TYPES = {"teacher": str, "weights": (str, type(None)), "dim": int, "num_samples": int, "list_digest": str,
+              "seed": int, "num_views": int, "view_epoch": int, "views_version": int, "transform": str,
+              "input_size": int, "mean": list, "std": list, "interpolation": str}
+
+
+def _key_from_json(data: dict, where: str = "the cache key") -> CacheKey:
+    """A :class:`CacheKey` from its JSON; fields missing, extra or of another type are a TeacherCacheError."""
+    if not isinstance(data, dict) or set(data) != set(_KEY_TYPES):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise TeacherCacheError(f"{where}: the key's fields are {got}, expected {sorted(_KEY_TYPES)}")
+    for name, kind in _KEY_TYPES.items():
+        value = data[name]
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is list and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise TeacherCacheError(f"{where}: key field {name!r} holds {value!r:.60}")
     return CacheKey(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+
+def _index_shards(root: Path, index: dict) -> list[dict]:
+    """The index's shards, checked to tile the key's samples in order (what :meth:`TeacherCache.lookup` assumes)."""
+    def refuse(what: str) -> None:
+        raise TeacherCacheError(f"{root / 'index.json'}: {what}; rebuild the index with cache-teacher")
+
+    key = _key_from_json(index.get("key"), str(root / "index.json"))
+    size, shards = index.get("shard_size"), index.get("shards")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        refuse(f"shard_size {size!r} is not a positive integer")
+    if not isinstance(shards, list) or len(shards) != -(-key.num_samples // size):
+        refuse(f"{key.num_samples} images in shards of {size} need {-(-key.num_samples // size)} shards, "
+               f"the index lists {len(shards) if isinstance(shards, list) else shards!r:.40}")
+    for j, shard in enumerate(shards):
+        expected = {"shard": j, "first": j * size, "count": min(size, key.num_samples - j * size)}
+        if not isinstance(shard, dict) or any(shard.get(k) != v for k, v in expected.items()) or \
+                not isinstance(shard.get("sha256"), dict) or set(shard["sha256"]) != set(ARRAYS):
+            refuse(f"entry {j} of 'shards' is {shard!r:.120}, expected {expected} with a sha256 of {list(ARRAYS)}")
+    if not isinstance(index.get("rejects"), list):
+        refuse("'rejects' is not a list")
+    scale = index.get("logit_scale")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+        refuse(f"logit_scale {scale!r} is not a finite number")
+    return shards
 
 
 def _sha256(path: Path) -> str:
@@ -330,16 +369,21 @@ class TeacherCache:
             raise TeacherCacheError(
                 f"{root}: no index.json: " + ("the cache build is unfinished; run cache-teacher again to finish it"
                                               if partial else "not a teacher cache (run clipdistill cache-teacher)"))
-        index = json.loads(index_path.read_text())
-        if index.get("format") != FORMAT:
-            raise TeacherCacheError(f"{root}: unknown cache format {index.get('format')!r} (expected {FORMAT})")
+        try:
+            index = json.loads(index_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TeacherCacheError(f"{index_path}: not readable JSON ({exc})") from exc
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            found = index.get("format") if isinstance(index, dict) else type(index).__name__
+            raise TeacherCacheError(f"{root}: unknown cache format {found!r} (expected {FORMAT})")
+        shards = _index_shards(root, index)
         self.root = root
         self.key = _key_from_json(index["key"])
         self.logit_scale = float(index["logit_scale"])
         self.shard_size = int(index["shard_size"])
         self.rejects = index["rejects"]
         self._features, self._views, self._valid = [], [], []
-        for shard in index["shards"]:
+        for shard in shards:
             name = _shard_name(shard["shard"])
             for array_name in ARRAYS:
                 path = root / f"{name}.{array_name}.npy"
@@ -354,6 +398,12 @@ class TeacherCache:
         if self._features and self._features[0].shape[-1] != self.key.dim:
             raise TeacherCacheError(f"{root}: features of dimension {self._features[0].shape[-1]}, "
                                     f"index says {self.key.dim}")
+        for shard, *arrays in zip(shards, self._features, self._views, self._valid):
+            count, k = shard["count"], self.key.num_views
+            shapes = tuple(a.shape for a in arrays)
+            if shapes != ((count, k, self.key.dim), (count, k, 5), (count,)):
+                raise TeacherCacheError(f"{root / _shard_name(shard['shard'])}: arrays of shapes {shapes} do not "
+                                        f"hold {count} images x {k} views as the index says")
 
     @property
     def num_views(self) -> int:

@@ -15,9 +15,16 @@ synchronization reads them, checks that they are finite, writes a metrics line
 Checkpoints (``<out_dir>/checkpoints/step-*.safetensors``) hold the learner's
 state, the optimizer's state, every RNG state, the loader's position and the
 counters; they are written atomically and only after the losses since the
-last check were found finite, so a non-finite loss never overwrites the last
-good checkpoint. ``--resume`` continues from the newest one and ends where an
-uninterrupted run ends.
+last check, and the trainable tensors and the optimizer's state at the check,
+were found finite (the same synchronization), so a checkpoint never holds
+non-finite state and the stop message names one that is finite.
+
+A run has an identity (:mod:`.run_dir`): a new run refuses a ``train.out_dir`` that
+holds another run unless told to replace it (``train.overwrite``); pruning and
+``--resume`` consider this run's checkpoints only. ``--resume`` continues from the
+newest one that reads back whole and finite (a torn or garbled file is set aside
+as ``*.corrupt``, with one line saying so) and ends where an uninterrupted run
+ends; the folder may have moved since.
 """
 from __future__ import annotations
 
@@ -37,14 +44,23 @@ from clipdistill.engine.parallel.launch import all_reduce_sum, rank_and_world, r
 from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.prompts.learners import GaussianPromptAggregator
 from clipdistill.engine.training.builder import Run, build_run
-from clipdistill.engine.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+from clipdistill.engine.training.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
+                                                    read_checkpoint_run_id, rng_state, save_checkpoint,
                                                     save_class_vectors, save_state, set_rng_state)
 from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
+from clipdistill.engine.training.run_dir import RunIdentity, check_out_dir, claim_out_dir, read_identity
 from clipdistill.engine.training.teacher_cache import TeacherCacheError
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+    """The loss, the trainable tensors or the optimizer's state became NaN or infinite; the message
+    names the step and the last good (finite) checkpoint."""
+
+# Resuming may ignore these differences: how long and how visibly the run goes on, where its folder
+# is (a location, not an identity: the run id in run.json is), and how the teacher is sharded.
+RESUME_MAY_CHANGE = ("train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.progress",
+                     "train.log_every", "train.checkpoint_every", "train.keep_last", "train.tensorboard",
+                     "train.deepspeed", "train.out_dir", "train.class_vector_cache")
 
 
 
@@ -85,6 +101,8 @@ class Trainer:
         )
         self.images_seen = 0
         self.best: Optional[dict] = None  # {"step", metric: value} of the best held-out evaluation
+        self.identity: Optional[RunIdentity] = None  # set by fit() when it takes out_dir
+        self.resumed_from: Optional[Path] = None
         self.step_fn = torch.compile(run.step) if self.cfg.train.compile else run.step
         self.class_vectors_record: Optional[dict] = None  # written with the first checkpoint
         # PromptSRC's Gaussian prompt aggregation over the run's epochs; the aggregate is the result.
@@ -137,7 +155,20 @@ class Trainer:
             if not self.is_main:
                 return self.ckpt_dir / f"step-{self.global_step:09d}.safetensors"
         self._store_class_vectors()
-        return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last)
+        return save_checkpoint(self.ckpt_dir, self.global_step, self.state(), keep_last=self.cfg.train.keep_last,
+                               run_id=self._run_id)
+
+    @property
+    def _run_id(self) -> Optional[str]:
+        return self.identity.run_id if self.identity is not None else None
+
+    def finite_state(self) -> torch.Tensor:
+        """A device bool: the trainable tensors and the optimizer's floating state are all finite (no sync)."""
+        device = self.params[0].device
+        tensors = list(self.params) + [value for state in self.optimizer.state.values() for value in state.values()
+                                       if torch.is_tensor(value) and value.is_floating_point()
+                                       and value.device == device]
+        return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
     # -- PromptSRC's Gaussian prompt aggregation ------------------------------------------------
     def _gpa_batch(self, epoch: int) -> None:
@@ -211,22 +242,65 @@ class Trainer:
                 save_state(self.out_dir / "best.safetensors", {"step": self.global_step, "best": self.best,
                                                                "learner": run.step.state_to_save(),
                                                                "config": dump_run_config(self.cfg),
-                                                               "class_vectors": record})
+                                                               "class_vectors": record},
+                           run_id=self._run_id)
                 self.log(f"clipdistill: step {self.global_step}: best held-out {metric} so far "
                          f"({result[metric]:.4g}); saved {self.out_dir / 'best.safetensors'}")
         return out
 
+    def _claim_out_dir(self) -> RunIdentity:
+        """Rank 0 takes out_dir for this run (refusal, overwrite, run.json); every rank learns the identity."""
+        train = self.cfg.train
+        identity, error = None, None
+        if self.is_main:
+            try:
+                identity = claim_out_dir(self.out_dir, resume=train.resume, overwrite=train.overwrite, log=self.log)
+            except ConfigError as exc:
+                error = exc
+        if self.world > 1:  # also a barrier: run.json is written before the other ranks read it
+            refused = all_reduce_sum([float(error is not None)], self.run.device)[0]
+            if error is None and refused:
+                error = ConfigError("rank 0 could not take train.out_dir (its message says why)")
+            if error is None and not self.is_main:
+                identity = read_identity(self.out_dir)
+        if error is not None:
+            raise error
+        return identity
+
+    def _intact_checkpoint(self) -> Optional[tuple[Path, dict]]:
+        """The newest checkpoint of this run that reads back whole and finite, with its state.
+
+        Newer ones that do not (a torn or garbled file, non-finite tensors) are renamed
+        ``*.corrupt`` by rank 0, each with one line saying so, and never pruned or resumed again.
+        """
+        for _, path in reversed(list_checkpoints(self.ckpt_dir)):
+            run_id = read_checkpoint_run_id(path)  # None: no id recorded, or a header that cannot be read
+            if run_id is not None and not self.identity.owns(run_id):
+                continue  # another run's
+            try:
+                state = load_checkpoint(path)
+                tensors = [v for part in ("learner", "optimizer") for v in _tensors(state.get(part))]
+                if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+                    raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values")
+            except (CheckpointError, OSError) as exc:
+                aside = path.with_name(path.name + ".corrupt")
+                if self.is_main and path.exists():
+                    path.replace(aside)
+                self.log(f"clipdistill: --resume: {exc}; set aside as {aside.name}, trying the previous checkpoint")
+                continue
+            if self.identity.owns(run_id):
+                return path, state
+        return None
+
     def resume(self) -> bool:
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            self.log(f"clipdistill: --resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
+        found = self._intact_checkpoint()
+        if found is None:
+            self.log(f"clipdistill: --resume: no checkpoint of run {self.identity.run_id} in {self.ckpt_dir}; "
+                     f"starting from scratch")
             return False
-        state = load_checkpoint(path)
+        path, state = found
         saved, now = with_absent_keys(state["config"]), dump_run_config(self.cfg)
-        ignorable = ("train.resume", "train.max_steps", "train.epochs", "train.progress", "train.log_every",
-                     "train.checkpoint_every", "train.keep_last", "train.tensorboard",
-                     "train.deepspeed")  # how the teacher is sharded does not change the run
-        different = [k for k in config_differences(saved, now) if k not in ignorable]
+        different = [k for k in config_differences(saved, now) if k not in RESUME_MAY_CHANGE]
         if different:
             raise ConfigError(f"--resume: the checkpoint {path} was made with a different config: "
                               f"{', '.join(different)} differ")
@@ -246,6 +320,7 @@ class Trainer:
         self.global_step = int(state["step"])
         self.images_seen = int(state["images_seen"])
         self.best = state.get("best")
+        self.resumed_from = path
         self.log(f"clipdistill: resumed from {path} (step {self.global_step})")
         return True
 
@@ -286,23 +361,35 @@ class Trainer:
     def _close_interval(self, interval: "_Interval", lr_used: float, last_good_ckpt: Optional[Path]) -> dict:
         """The interval's one synchronization: mean losses, the non-finite check, the metrics record."""
         names = list(interval.sums)
-        values = (torch.stack([interval.sums[n] for n in names]) / interval.micro_batches).tolist()
-        bad = int(interval.first_bad)
+        # One synchronization reads the mean losses, whether the state after the optimizer step is
+        # finite (then a checkpoint may be written from it) and the first step with a non-finite loss.
+        # (float64: a step number stays exact, and the float32 losses read back as before.)
+        values = torch.cat([(torch.stack([interval.sums[n] for n in names]) / interval.micro_batches).double(),
+                            self.finite_state().double().reshape(1),
+                            interval.first_bad.double().reshape(1)]).tolist()
+        finite_state, bad, values = values[-2] > 0, int(values[-1]), values[:-2]
         images = interval.images
         if self.world > 1:
             # The global batch's losses (the ranks' shares sum to them) and counts; every rank
             # sees a non-finite loss anywhere, so all stop together.
-            summed = all_reduce_sum(values + [images, float(bad >= 0)], self.run.device)
+            summed = all_reduce_sum(values + [images, float(bad >= 0), float(not finite_state)], self.run.device)
             images = int(summed[len(names)])
             values = summed[:len(names)]
             if summed[len(names) + 1] > 0 and bad < 0:
                 bad = max(0, self.global_step - 1)
+            finite_state = summed[len(names) + 2] == 0
             self.images_seen = interval.images_before + images
+        good = f"the last good checkpoint, {last_good_ckpt}, is intact and finite" if last_good_ckpt else \
+            "no checkpoint was written before it"
         if bad >= 0 or not all(math.isfinite(v) for v in values):
             where = bad if bad >= 0 else self.global_step - 1
-            good = f"the last good checkpoint, {last_good_ckpt}, is intact" if last_good_ckpt else \
-                "no checkpoint was written before it"
-            raise NonFiniteLossError(f"non-finite loss at step {where}; stopping ({good})")
+            state = "" if finite_state else " (the trained tensors are non-finite too)"
+            raise NonFiniteLossError(f"non-finite loss at step {where}{state}; stopping ({good})")
+        if not finite_state:
+            raise NonFiniteLossError(
+                f"non-finite trainable tensors or optimizer state after step {self.global_step} (checked every "
+                f"train.log_every steps and before each checkpoint; the learning rate may be too large); "
+                f"stopping ({good})")
         elapsed = time.perf_counter() - interval.start
         return {"step": self.global_step, "epoch": self.run.loader.epoch, "lr": lr_used,
                 **{f"loss/{n}": v for n, v in zip(names, values)},
@@ -323,7 +410,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, run = self.cfg, self.run
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = self._claim_out_dir()
         if cfg.train.resume:
             self.resume()
         if self.is_main:
@@ -333,7 +420,7 @@ class Trainer:
         run.step.train()
         self.core.micro = 0  # a new fit starts at a fresh accumulation window
         interval = _Interval(run.device, self.images_seen)
-        last_good_ckpt = latest_checkpoint(self.ckpt_dir)
+        last_good_ckpt = self.resumed_from  # read back finite; None for a new run
         summary: dict = {}
         while self.global_step < self.total_steps:
             for batch in run.loader:
@@ -384,6 +471,8 @@ class Trainer:
 
 def distill(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
     """Build and run a distillation; return the last metrics line plus the final checkpoint path."""
+    # Before anything is built (or written there: lists, class vectors): a refused out_dir costs nothing.
+    check_out_dir(cfg.train.out_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite, writable=True)
     run = build_run(cfg, log=log)
     try:
         summary = Trainer(run, log=log).fit()
@@ -398,6 +487,17 @@ def distill(cfg: RunConfig, *, log: Callable[[str], None] = print) -> dict:
         # barrier then destroy 0 of 10; 2-rank DeepSpeed `distill` runs: 0 of 18.
         if run.owns_process_group:
             torch.distributed.destroy_process_group()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    """The tensors in a nested state (dicts, lists, tuples)."""
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
 
 
 class _Interval:

@@ -8,16 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.engine.models.class_vectors import (
-    ClassVectorKey,
-    ClassVectorKeyMismatch,
-    cached_class_vectors,
-    encode_class_names,
-    load_class_vectors,
-    save_class_vectors,
-    teacher_class_vectors,
-)
 from clipdistill.engine.models import TINY_TEACHER, Teacher
+from clipdistill.engine.models.class_vectors import (ClassVectorKey, ClassVectorKeyMismatch, cached_class_vectors,
+                                                     encode_class_names, load_class_vectors, save_class_vectors,
+                                                     teacher_class_vectors)
 from clipdistill.engine.templates import check_templates, templates_for
 
 TEMPLATES = ("a photo of a {}.", "a sketch of a {}.", "{} in the wild.")
@@ -120,3 +114,20 @@ def test_templates():
         templates_for("mnist-of-doom")
     with pytest.raises(ValueError, match="exactly one"):
         check_templates(["a photo of a {} and a {}."])
+
+
+def test_teacher_class_vectors_take_the_key_from_the_teacher(tmp_path, class_names):
+    """A Teacher from build_teacher records its model name and weights: no need to repeat them."""
+    from clipdistill.engine.models import build_teacher, get_tokenizer
+
+    torch.manual_seed(0)
+    teacher = build_teacher(TINY_TEACHER, None)
+    tokenizer = get_tokenizer(TINY_TEACHER)
+    vectors = teacher_class_vectors(teacher, tokenizer, class_names, ["a photo of a {}."], cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("*.json")
+    assert json.loads(cached.read_text())["model"] == TINY_TEACHER
+    again = teacher_class_vectors(teacher, tokenizer, class_names, ["a photo of a {}."], model_name=TINY_TEACHER,
+                                  weights=None, cache_dir=tmp_path)  # the same key: the same file
+    assert torch.equal(vectors, again) and len(list(tmp_path.glob("*.json"))) == 1
+    with pytest.raises(ValueError, match="model_name= and weights="):
+        teacher_class_vectors(teacher.model, tokenizer, class_names, ["a photo of a {}."], cache_dir=tmp_path)

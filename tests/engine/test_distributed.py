@@ -309,7 +309,7 @@ def two_rank_runs(shape_folder, tmp_path_factory):
     ds = _ds_file(root, DS_CONFIG)
     config = _write_config(_config(data, root / "two"), root / "two.yaml")
     _torchrun(2, ["-m", "clipdistill.engine.cli", "distill", "--config", str(config), f"deepspeed={ds}"], cwd=root)
-    # The resume tests rewind root/two itself (a checkpoint records its out_dir); this copy is the reference.
+    # The resume tests rewind root/two itself; this copy is the reference.
     shutil.copytree(root / "two", root / "two_full")
     return {"root": root, "data": data, "ds": ds, "out": root / "two_full", "work": root / "two"}
 
@@ -631,8 +631,8 @@ def test_sigkill_a_two_rank_job_then_resume_with_two_ranks_or_one(two_rank_runs,
     assert saved and saved[-1] < steps, f"the kill came after the run finished ({saved})"
     _run_2_ranks(_config(data, tmp_path / "full", max_steps=steps, checkpoint_every=2), ds, tmp_path, "full")
 
-    # A checkpoint records its out_dir, so both resumes run in `killed`: the 1-process one on a copy
-    # of the killed state, which is then put back for the 2-rank one.
+    # Both resumes run in `killed`: the 1-process one on a copy of the killed state, which is then
+    # put back for the 2-rank one.
     shutil.copytree(killed, tmp_path / "killed_state")
     _run_in_process(_config(data, killed, max_steps=steps, checkpoint_every=2, resume=True))
     _assert_same_run(killed, tmp_path / "full", steps=steps)

@@ -235,3 +235,90 @@ def test_predict_reports_unreadable_images_in_place(world, coop_export, capsys, 
     assert [Path(line["image"]).name for line in lines] == ["0.png", "1.png", "2.png"]
     assert "error" in lines[1] and "top" not in lines[1]
     assert all(len(lines[i]["top"]) == 2 for i in (0, 2))
+
+
+# ------------------------------------------------------------------------------ hostile headers (issue 18, item 8)
+
+
+def _names(value):
+    def edit(header):
+        header["class_names"] = value
+    return edit
+
+
+def _int32_vectors(tensors):
+    tensors["class_vectors"] = (tensors["class_vectors"] * 100).to(torch.int32)
+
+
+@pytest.mark.parametrize("edit_header, edit_tensors, message", [
+    # Reproduction: the string "abcdef" gave classes "a".."f" (and a 6 x D tensor passed).
+    (_names("abcdef"), None, r"'class_names' must be a non-empty list of strings, found 'abcdef'"),
+    (_names([]), None, r"'class_names' must be a non-empty list"),
+    (_names(["circle", "", "b", "c", "d"]), None, r"class name 1 must be a non-empty string, found ''"),
+    (_names(["circle", "square", None, "c", "d"]), None, r"class name 2 must be a non-empty string, found None"),
+    (_names(["circle", "square", "circle", "c", "d"]), None, r"class name 2 repeats 'circle' \(first at 0\)"),
+    (_names(["a", "b", "c", "d"]), None, r"class_vectors of shape \(5, 32\) for 4 class names"),
+    # Reproduction: int32 class vectors gave a garbage prediction with score 1.0.
+    (None, _int32_vectors, r"class_vectors must be a floating-point tensor, found torch\.int32"),
+    (lambda h: h.update(class_vectors="teachers"), None, r"'class_vectors' must be .* found 'teachers'"),
+    (lambda h: h.update(class_vectors=None), None, r"'class_vectors' says None, but the file holds"),
+    (lambda h: h.update(templates="a photo of a {}."), None, r"'templates' must be a non-empty list"),
+    (lambda h: h["learner"].update(kind=3), None, r"'learner\.kind' must be a non-empty string, found 3"),
+    (lambda h: h.update(student="clipdistill-tiny-student"), None, r"'student' must be an object"),
+    (lambda h: h["student"].update(weights=7), None, r"'student\.weights' must be a string or null, found 7"),
+    (lambda h: h.update(backbone_shapes={"logit_scale": "[]"}), None, r"'backbone_shapes' must map"),
+    (None, lambda t: t.update({"learner.prompts.ctx": t["learner.prompts.ctx"] > 0}),
+     r"tensor 'learner\.prompts\.ctx' has dtype torch\.bool"),
+], ids=["string", "empty", "empty-name", "null-name", "duplicate", "rows", "int32-vectors", "space", "space-null",
+        "templates", "learner-kind", "student", "weights", "backbone-shapes", "bool-tensor"])
+def test_refuses_hostile_export_headers(coop_export, tmp_path, capsys, edit_header, edit_tensors, message):
+    path = _rewrite(coop_export, tmp_path / "hostile.safetensors", edit_header=edit_header, edit_tensors=edit_tensors)
+    with pytest.raises(ExportError, match=message):
+        read_distilled(path)
+    assert run_cli("predict", tmp_path, "--checkpoint", path, "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clipdistill predict: error: ") and "export header" in err[0], err
+
+
+def test_refuses_an_embedded_backbone_that_does_not_fit(world, tmp_path, capsys):
+    """Reproduction: an embedded backbone tensor of another shape ended in load_state_dict's traceback."""
+    from clipdistill.engine.evaluation.export import construct_learner
+    from clipdistill.engine.models import build_student, get_tokenizer
+
+    clip = build_student(data.TINY_STUDENT, None)
+    learner = construct_learner("coop", clip, tokenizer=get_tokenizer(data.TINY_STUDENT),
+                                class_names=data.CLASS_NAMES, templates=["a photo of a {}."], teacher_dim=None,
+                                options={"n_ctx": 2})
+    path = export_student(tmp_path / "embedded.safetensors", learner, method="kdpl",
+                          student={"name": data.TINY_STUDENT, "weights": None},
+                          teacher={"name": data.TINY_TEACHER, "weights": None}, learner_kind="coop",
+                          learner_options={"n_ctx": 2}, class_names=data.CLASS_NAMES,
+                          templates=["a photo of a {}."], include_backbone=True)
+
+    def reshape(tensors):
+        tensors["backbone.positional_embedding"] = torch.randn(8, 64)
+
+    def retype(tensors):
+        tensors["backbone.logit_scale"] = tensors["backbone.logit_scale"].to(torch.int64)
+
+    for edit, message in ((reshape, r"positional_embedding: \(8, 64\) in the file, \(16, 64\) now"),
+                          (retype, r"logit_scale: torch\.int64 in the file, torch\.float32 expected")):
+        bad = _rewrite(path, tmp_path / "bad.safetensors", edit_tensors=edit)
+        with pytest.raises(ExportError, match=rf"embedded backbone does not fit .*{message}"):
+            load_export(bad)
+        assert run_cli("predict", tmp_path, "--checkpoint", bad, "--device", "cpu") == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_export_refuses_student_weights_of_another_architecture_in_one_line(world, tmp_path, capsys):
+    """Reproduction: a checkpoint whose student weights do not fit its student architecture (here the
+    teacher's weights) ended `clipdistill export` in open_clip's multi-line RuntimeError traceback."""
+    from clipdistill.engine.training import checkpoint as ckpt
+
+    checkpoint, _ = world.distilled("coop", {"n_ctx": 2}, out="run_mismatch")
+    state = ckpt.load_checkpoint(checkpoint)
+    state["config"]["student"]["weights"] = str(world.teacher_weights)
+    mismatched = ckpt.save_state(tmp_path / "step-000000001.safetensors", state)
+    assert run_cli("export", mismatched, "--out", tmp_path / "e.safetensors", "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not build 'clipdistill-tiny-student'" in err[0] and "does not fit" in err[0], err

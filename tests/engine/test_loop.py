@@ -73,3 +73,14 @@ def test_bad_optimizer_and_accumulation_are_named():
         make_optimizer([w], name="adam", lr=0.1)
     with pytest.raises(ValueError, match="grad_accum must be >= 1"):
         OptimizerCore(make_optimizer([w], name="sgd", lr=0.1), [w], base_lr=0.1, total_steps=1, grad_accum=0)
+
+
+@pytest.mark.parametrize("rate", [1e300, float("inf"), float("nan"), -1.0])
+def test_a_learning_rate_past_float32_is_refused(rate):
+    """Issue 18, item 9: lr = 1e300 made torch raise mid-step ("cannot be converted to type float")."""
+    param = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="learning rate .* out of range.*float32"):
+        OptimizerCore(make_optimizer([param], name="sgd", lr=1.0), [param], base_lr=rate, total_steps=2)
+    with pytest.raises(ValueError, match="warm-up learning rate"):
+        OptimizerCore(make_optimizer([param], name="sgd", lr=1.0), [param], base_lr=1.0, total_steps=2,
+                      warmup_steps=1, warmup_lr=rate)

@@ -128,3 +128,56 @@ def test_symmetric_kl_from_logits_passes_gradients_to_the_student_only():
     symmetric_kl_from_logits(student, teacher).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+# ------------------------------------------------------------------------------ state_dict
+
+
+def test_state_dict_holds_the_learner_only_and_loads_strictly():
+    """What a trainer embedding the step checkpoints (Lightning, HF): the prompts, not the frozen models."""
+    step = _embedding_parts()
+    state = step.state_dict()
+    assert set(state) == {f"student.{key}" for key in step.state_to_save()} == {"student.prompts.ctx"}
+    assert set(step.state_dict(None, "p.")) == {"p.student.prompts.ctx"}  # nn.Module's positional form
+    with torch.no_grad():
+        step.student.prompts.ctx.add_(1.0)
+    fresh = _embedding_parts()
+    fresh.load_state_dict(step.state_dict())  # strict: the teacher and the backbone are not missing
+    assert torch.equal(fresh.student.prompts.ctx, step.student.prompts.ctx)
+
+    holder = torch.nn.ModuleDict({"step": step, "head": torch.nn.Linear(2, 2)})  # a trainer's module
+    assert set(holder.state_dict()) == {"step.student.prompts.ctx", "head.weight", "head.bias"}
+    other = torch.nn.ModuleDict({"step": _embedding_parts(), "head": torch.nn.Linear(2, 2)})
+    other.load_state_dict(holder.state_dict())
+    assert torch.equal(other["step"].student.prompts.ctx, step.student.prompts.ctx)
+
+    full = torch.nn.Module.state_dict(step)  # an older checkpoint, saved with the frozen parts
+    assert any(key.startswith("teacher.") for key in full) and any(key.startswith("student.clip.") for key in full)
+    _embedding_parts().load_state_dict(full)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "student.bogus"'):
+        fresh.load_state_dict({**step.state_dict(), "student.bogus": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "student.prompts.ctx"'):
+        fresh.load_state_dict({})
+
+
+def test_a_projector_converted_to_sync_batch_norm_is_refused_naming_synchronize():
+    """Lightning's sync_batchnorm=True runs convert_sync_batchnorm: PromptKD's projector says what to do instead."""
+    from clipdistill.engine.models import build_student, build_teacher, get_tokenizer
+    from clipdistill.engine.models.class_vectors import encode_class_names
+    from clipdistill.engine.parallel.batchnorm import synchronize
+    from clipdistill.engine.prompts import build_learner
+
+    def promptkd_step() -> DistillStep:
+        torch.manual_seed(0)
+        teacher = build_teacher("clipdistill-tiny-teacher", None)
+        vectors = encode_class_names(teacher.encode_text, get_tokenizer("clipdistill-tiny-teacher"), CLASSES,
+                                     ["a photo of a {}."])
+        learner = build_learner("promptkd", build_student("clipdistill-tiny-student", None),
+                                teacher_dim=vectors.shape[1], depth=1)
+        return DistillStep(teacher, learner, vectors, recipe="promptkd")
+
+    images = torch.randn(4, 3, 32, 32)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(promptkd_step())
+    with pytest.raises(TypeError, match=r"SyncBatchNorm.*call clipdistill\.engine\.parallel\.batchnorm\.synchronize"):
+        converted(images)
+    assert torch.isfinite(synchronize(promptkd_step())(images)["loss"])  # the way it names works (one process)

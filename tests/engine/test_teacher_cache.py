@@ -183,3 +183,42 @@ def test_cli_cache_teacher_prints_a_summary(data_dir, tmp_path, run_config):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["complete"] and summary["images"] == 10 and summary["views"] == 2
     assert summary["bytes"] > 10 * 2 * 48 * 2
+
+
+def _drop_last_shard(index):
+    index["shards"].pop()
+
+
+@pytest.mark.parametrize("edit, message", [
+    # Reproduction: an edited index.json ended in IndexError (lookup) or TypeError (reading the key).
+    (_drop_last_shard, r"10 images in shards of 4 need 3 shards, the index lists 2"),
+    (lambda index: index.update(shard_size=2), r"need 5 shards, the index lists 3"),
+    (lambda index: index.update(shard_size="4"), r"shard_size '4' is not a positive integer"),
+    (lambda index: index["key"].update(mean=None), r"key field 'mean' holds None"),
+    (lambda index: index["key"].pop("seed"), r"the key's fields are .* expected"),
+    (lambda index: index["shards"][1].update(sha256=None), r"entry 1 of 'shards' is"),
+    (lambda index: index["shards"][1].update(first=0), r"entry 1 of 'shards' is"),
+    (lambda index: index.update(logit_scale="100"), r"logit_scale '100' is not a finite number"),
+    (lambda index: index.update(rejects=None), r"'rejects' is not a list"),
+    (lambda index: index["key"].update(num_views=5), r"arrays of shapes .* do not hold 4 images x 5 views"),
+], ids=["missing-shard", "shard-size", "shard-size-text", "mean-null", "key-field", "sha-null", "first",
+        "logit-scale", "rejects", "views"])
+def test_an_edited_index_is_refused_in_one_line(cache_dir, tmp_path, edit, message):
+    edited = tmp_path / "edited"
+    shutil.copytree(cache_dir, edited)
+    index = json.loads((edited / "index.json").read_text())
+    edit(index)
+    (edited / "index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherCacheError, match=message):
+        TeacherCache(edited)
+
+
+def test_an_index_that_is_not_json_is_refused(cache_dir, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(cache_dir, edited)
+    (edited / "index.json").write_text('{"format": "clipdistill-teacher-cache/1", "key": ')
+    with pytest.raises(TeacherCacheError, match=r"index\.json: not readable JSON"):
+        TeacherCache(edited)
+    (edited / "index.json").write_text("[1, 2]")
+    with pytest.raises(TeacherCacheError, match=r"unknown cache format 'list'"):
+        TeacherCache(edited)

@@ -22,7 +22,7 @@ from clipdistill.engine.config.run import load_run_config
 from clipdistill.engine.training import checkpoint as ckpt
 from clipdistill.engine.training.builder import build_run
 from clipdistill.engine.training.trainer import NonFiniteLossError, Trainer, distill
-
+from clipdistill.loaders.loader import dali_available
 
 LEARNER_OPTIONS = {
     "coop": {"n_ctx": 2},
@@ -231,10 +231,18 @@ def test_cli_distill_help_lists_recipes(tmp_path):
     assert proc.returncode == 0 and "kdpl" in proc.stdout
 
 
-def test_sigkill_then_resume_equals_uninterrupted(shape_data, tiny_run_config, tmp_path):
-    """A run killed with SIGKILL at a random step and resumed ends with the uninterrupted run's parameters."""
+@pytest.mark.parametrize("backend", [
+    "torch",
+    # DALI's variant (three more runs of the command) is in the slow tier, which CI runs too.
+    pytest.param("dali-cpu", marks=[pytest.mark.slow,
+                                    pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")]),
+])
+def test_sigkill_then_resume_equals_uninterrupted(shape_data, tiny_run_config, tmp_path, backend):
+    """A run killed with SIGKILL at a random step and resumed ends with the uninterrupted run's parameters,
+    with each CPU loader backend (two decoding workers)."""
     steps = 12
-    sections = dict(train={"max_steps": steps, "checkpoint_every": 1, "keep_last": 2, "log_every": 1})
+    sections = dict(train={"max_steps": steps, "checkpoint_every": 1, "keep_last": 2, "log_every": 1},
+                    data={"backend": backend, "workers": 2})
     full_cfg = _write_config(tiny_run_config(shape_data, tmp_path / "full", **sections), tmp_path / "full.yaml")
     proc = _cli("distill", "--config", str(full_cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
