@@ -29,8 +29,10 @@ from clipdistill.engine.parallel import launch, zero
 from clipdistill.engine.parallel.batchnorm import sync_batch_norm
 from clipdistill.engine.prompts.learners import PromptLearner
 from clipdistill.engine.prompts.registry import build_learner
-from clipdistill.engine.training.checkpoint import latest_checkpoint, load_checkpoint_config
+from clipdistill.engine.training.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
+                                                    load_checkpoint_config, read_checkpoint_run_id)
 from clipdistill.engine.training.data import heldout_transform, image_loader, training_transform
+from clipdistill.engine.training.run_dir import read_identity
 from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCache, run_key
 from clipdistill.engine.training.tune_teacher import draw_shots
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
@@ -292,16 +294,34 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
 def _resumed_config(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
     """``cfg``, with what the user did not set taken from the checkpoint it resumes
     (:func:`~clipdistill.engine.config.run.resume_config`)."""
-    path = latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
-    if path is None:
+    found = _resumable_config(Path(cfg.train.out_dir))
+    if found is None:
         return cfg
-    saved = load_checkpoint_config(path)
+    path, saved = found
     resumed, taken = resume_config(cfg, saved)
     if taken:
         log(f"clipdistill: --resume: taken from {path.name}, as the run started with them (you did not set "
             f"them): " + ", ".join(f"{k}={_short(v)}" for k, v in ((k, _lookup(dump_run_config(resumed), k))
                                                                      for k in taken)))
     return resumed
+
+
+def _resumable_config(out_dir: Path) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint of the run recorded in ``out_dir`` whose header reads, with its config.
+
+    Another run's checkpoints (a run id that is not this folder's) are passed over, and so are
+    checkpoints whose header cannot be read: the trainer sets those aside when it resumes and
+    falls back to an intact one, so the config must come from the checkpoint it will resume.
+    """
+    identity = read_identity(out_dir)  # None: a folder without run.json (written before run identities)
+    for _, path in reversed(list_checkpoints(out_dir / "checkpoints")):
+        if identity is not None and not identity.owns(read_checkpoint_run_id(path)):
+            continue
+        try:
+            return path, load_checkpoint_config(path)
+        except CheckpointError:
+            continue
+    return None
 
 
 def _lookup(tree: dict, key: str):

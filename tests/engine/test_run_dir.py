@@ -98,6 +98,25 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_in_a_moved_folder(shape_dat
     assert _steps_and_runs(folder) == [(s, run_id) for s in (1, 2, 3, 4)]
 
 
+def test_resume_falls_back_past_a_latest_checkpoint_whose_header_is_torn(shape_data, tiny_run_config, tmp_path):
+    """Review finding: the config --resume adopts was read from the latest checkpoint's header before the
+    trainer's fallback ran, so a torn header ended the command (exit 2) instead of falling back."""
+    sections = {"max_steps": 3, "checkpoint_every": 1, "keep_last": 3}
+    full = _fit(tiny_run_config(shape_data, tmp_path / "full", train=sections))
+    expected = {k: v.detach().clone() for k, v in full.run.step.trainable_parameters().items()}
+    _fit(tiny_run_config(shape_data, tmp_path / "run", train=sections))
+    latest = ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", 3)
+    latest.write_bytes(latest.read_bytes()[:100])  # the header itself cut short
+
+    logs: list[str] = []
+    resumed = _fit(tiny_run_config(shape_data, tmp_path / "run", train={**sections, "resume": True}), logs)
+    assert any("step-000000003.safetensors' is unreadable" in m and "set aside as" in m for m in logs), logs
+    assert any("resumed from" in m and "step-000000002" in m for m in logs), logs
+    assert resumed.global_step == 3
+    for key, value in expected.items():
+        assert torch.equal(resumed.run.step.trainable_parameters()[key], value), key
+
+
 def test_resume_continues_only_the_run_recorded_in_out_dir(shape_data, tiny_run_config, tmp_path):
     """A checkpoint of another run that lands in the folder (copied in, newer step) is never resumed."""
     _fit(tiny_run_config(shape_data, tmp_path / "a", train={"max_steps": 2, "checkpoint_every": 1}))
