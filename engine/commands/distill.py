@@ -22,7 +22,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "overwrite", False):
         overrides.append("train.overwrite=true")
     if getattr(args, "out_dir", None):
-        overrides.append(f"train.out_dir={args.out_dir}")
+        overrides.append(f"train.out_dir={json.dumps(args.out_dir)}")  # a JSON string is YAML: `#`, null stay text
     return load_run_config(args.config, overrides, recipe=args.recipe)
 
 

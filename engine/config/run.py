@@ -383,12 +383,20 @@ def with_absent_keys(saved: dict) -> dict:
     return out
 
 
+# Keys a resumed run never takes from its checkpoint: they say how this invocation runs (where the
+# folder is now, whether it resumes or overwrites, progress output, the sharding of this machine's
+# teacher, the cache folder), not what the run is.
+RESUME_NEVER_TAKEN = ("train.resume", "train.overwrite", "train.out_dir", "train.progress", "train.deepspeed",
+                      "train.class_vector_cache")
+
+
 def resume_config(cfg: RunConfig, saved: dict) -> tuple[RunConfig, list[str]]:
     """The config a resumed run continues with: ``cfg``, but every key the user did not set
     (``cfg.explicit_keys``) and that differs from the checkpoint's ``saved`` config is taken from
     the checkpoint, so changed recipe defaults (presets, warm-up, placement) never change or block
-    a run started before them. Returns the config and the keys taken; keys the user did set and
-    that differ are left for the resume check to refuse."""
+    a run started before them. The keys of :data:`RESUME_NEVER_TAKEN` stay as this invocation has
+    them. Returns the config and the keys taken; keys the user did set and that differ are left for
+    the resume check to refuse."""
     explicit = cfg.explicit_keys
     if explicit is None:
         return cfg, []
@@ -397,7 +405,7 @@ def resume_config(cfg: RunConfig, saved: dict) -> tuple[RunConfig, list[str]]:
     missing = object()
     taken = []
     for key in config_differences(saved, now):
-        if key == "train.resume" or any(key == e or key.startswith(e + ".") for e in explicit):
+        if key in RESUME_NEVER_TAKEN or any(key == e or key.startswith(e + ".") for e in explicit):
             continue
         if key.startswith("learner.options.") and saved["learner"].get("kind") != now["learner"]["kind"]:
             continue  # options of another learner: the resume check names learner.kind

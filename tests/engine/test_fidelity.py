@@ -7,6 +7,7 @@ prompts before ``ln_pre``; KDPL's vocabulary CSV.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from clipdistill.engine.config.run import dump_run_config, load_run_config, resume_config
+from clipdistill.engine.commands.distill import run_config_from_args
+from clipdistill.engine.config.run import RESUME_NEVER_TAKEN, dump_run_config, load_run_config, resume_config
 from clipdistill.engine.config.schema import ConfigError
 from clipdistill.engine.io import read_class_names
 from clipdistill.engine.models import TINY_STUDENT, TINY_TEACHER, load_clip
@@ -238,6 +240,28 @@ def test_resume_takes_changed_defaults_from_the_checkpoint_but_keeps_explicit_se
     assert "train.resume" not in taken and resumed.train.resume
     explicit = load_run_config(None, ["learner.kind=vpt", "data.batch_size=8", "train.resume=true"], recipe="kdpl")
     assert resume_config(explicit, saved)[0].data.batch_size == 8  # the resume check then refuses it
+
+
+def test_resume_never_takes_how_the_first_invocation_ran():
+    """Review finding: a run started with --overwrite could not be resumed (the adopted train.overwrite met
+    --resume), and a moved run resumed into its old folder, both taken from the checkpoint."""
+    first = load_run_config(None, ["train.overwrite=true", "train.out_dir=/old/place", "train.progress=false",
+                                   "train.class_vector_cache=/old/cache", "train.epochs=7"], recipe="kdpl")
+    now = load_run_config(None, ["train.resume=true"], recipe="kdpl")
+    resumed, taken = resume_config(now, dump_run_config(first))
+    assert set(RESUME_NEVER_TAKEN).isdisjoint(taken), taken
+    assert (resumed.train.overwrite, resumed.train.out_dir, resumed.train.progress,
+            resumed.train.class_vector_cache) == (now.train.overwrite, now.train.out_dir, now.train.progress,
+                                                  now.train.class_vector_cache)
+    assert resumed.train.epochs == 7 and "train.epochs" in taken  # what the run is still comes from it
+
+
+def test_distill_out_dir_flag_is_a_path_not_yaml(tmp_path):
+    """Review finding: --out-dir went through the YAML reader (`runs/exp #2` became `runs/exp`)."""
+    for text in ("runs/exp #2", "null", "1e-3", "a: b", "runs/ünï"):
+        args = argparse.Namespace(overrides=[], resume=False, overwrite=False, out_dir=text, config=None,
+                                  recipe="kdpl")
+        assert run_config_from_args(args).train.out_dir == text
 
 
 # ------------------------------------------------------------------------------ protocols
