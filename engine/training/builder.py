@@ -185,6 +185,10 @@ def labeled_selection(cfg: RunConfig, log: Callable[[str], None] = print):
     a class with fewer images gives all it has), then the base classes, the first half rounded
     up in class order, are kept, as CoOp and KDPL split base and novel."""
     names_file = cfg.data.class_names or None
+    if names_file and ":" in names_file.split("/", 1)[0]:  # builtin:NAME, kdpl-csv:PATH
+        raise ConfigError(f"data.class_names={names_file!r} is a vocabulary, while data.shots / "
+                          f"data.base_classes_only take the classes of data.train's subfolders: give a "
+                          f"class-name file of those folders, or none")
     try:
         if cfg.data.shots is not None:
             drawn = draw_shots(cfg.data.train, names_file, cfg.data.shots, cfg.data.shot_seed, "use-all")

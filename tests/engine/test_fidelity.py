@@ -292,6 +292,10 @@ def test_few_shot_base_class_selection(tmp_path):
     assert names_all == names_b and len(files_all) == sum(counts[:3])
     with pytest.raises(ConfigError, match="class-agnostic"):
         load_run_config(None, ["data.shots=4"], recipe="kdpl-ca")
+    csv = tmp_path / "vocab.csv"
+    csv.write_text("ClassName\n" + "\n".join(data.CLASS_NAMES) + "\n")
+    with pytest.raises(ConfigError, match="is a vocabulary"):  # not "need data.train to be a folder"
+        run("data.shots=2", f"data.class_names=kdpl-csv:{csv}")
 
 
 # ------------------------------------------------------------------------------ prompt placement
