@@ -24,7 +24,7 @@ REQUIREMENTS = [
     "open_clip_torch>=2.24",
     "safetensors>=0.4",
     "pyyaml>=6",
-    "pillow>=10",
+    "pillow>=10.3",  # before 10.3 PIL opens 16-bit grey PNG as mode I, which the loaders refuse
     "tqdm>=4.60",
     'triton>=3.0; platform_system == "Linux"',
 ]

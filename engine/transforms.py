@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from clipdistill.engine.io import image_spec
+from clipdistill.loaders.backends.torch import rgb8
 from clipdistill.loaders.plan import OutputSpec, normalize_hwc_uint8
 from clipdistill.loaders.views import CenterCrop, RandomResizedCrop, sample_views
 
@@ -47,8 +48,7 @@ class ImageTransform:
     def __call__(self, image: Image.Image, crop: Optional[tuple[int, int, int, int]] = None,
                  flip: bool = False) -> torch.Tensor:
         """``crop``: (x, y, w, h) in pixels of ``image``; default the centered square. ``flip``: horizontal."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = rgb8(image)
         if crop is None:
             crops, _ = sample_views(CenterCrop(self.crop_fraction), 0, 0, np.zeros(1), np.zeros(1),
                                     np.array([image.width]), np.array([image.height]))

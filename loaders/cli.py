@@ -60,7 +60,8 @@ def run_index(args: argparse.Namespace) -> int:
         return 2
     print(
         f"checked {summary['total']} files in {summary['seconds']} s ({summary['files_per_s']} files/s): "
-        f"{summary['valid']} valid -> {summary['out']}, {summary['rejected']} rejected -> {summary['rejects']}",
+        f"{summary['valid']} valid -> {summary['out']}, {summary['rejected']} rejected -> {summary['rejects']}"
+        + (f"; other files (not images, not counted): {summary['other_files']}" if summary["other_files"] else ""),
         file=sys.stderr,
     )
     print(json.dumps(summary), flush=True)

@@ -230,8 +230,8 @@ _SENTINELS = ({"L": 3, "RGB": (3, 251, 6), "CMYK": (3, 251, 6, 250)},
 
 def _load_jpeg_checked(img, data: bytes) -> None:
     end = data.rfind(_JPEG_EOI)
-    if img.mode not in _SENTINELS[0] or end < 0:
-        return  # img.load() decodes it as usual
+    if img.mode not in _SENTINELS[0] or end < 0 or jpeg_is_multi_scan(data):
+        return  # img.load() decodes it as usual (a multi-scan file: cannot tell, see jpeg_is_multi_scan)
     # libjpeg holds back up to two MCU rows (the last one, and one for upsampling's context).
     allowed = 16 * max((v for _, _, v, _ in getattr(img, "layer", [])), default=2)
     missing, core = _rows_before_eoi(img, data, end, _SENTINELS[0][img.mode])
@@ -243,6 +243,53 @@ def _load_jpeg_checked(img, data: bytes) -> None:
     if core is not None:
         img.im = core
         img.tile = []
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
+
+
+def jpeg_is_multi_scan(data: bytes) -> bool:
+    """Whether a JPEG's image data comes in more than one scan (the truncation check cannot tell then).
+
+    True when its first SOS lists fewer components than its SOF (a non-interleaved sequential
+    file: one scan per component) or a second SOS follows (progressive files, and any other
+    scan split). libjpeg buffers such a file whole and writes no row before the end marker, so
+    a complete one looks as cut short as a truncated one. False for a single interleaved scan,
+    and for data whose markers do not parse up to the first SOS (the check runs as usual).
+    """
+    pos, n = 2, len(data)
+    components, scans = None, []
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            break
+        if marker in _SOF_MARKERS and pos + 9 < n:
+            components = data[pos + 9]
+        elif marker == 0xDA and pos + 4 < n:
+            scans.append(data[pos + 4])
+            if len(scans) > 1 or (components is not None and scans[0] < components):
+                return True
+            pos += 2 + length
+            while True:  # skip the entropy-coded data: up to the next FF not followed by 00 or RSTn
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return False
+                following = data[pos + 1]
+                if following != 0x00 and not 0xD0 <= following <= 0xD7 and following != 0xFF:
+                    break
+                pos += 1 if following == 0xFF else 2
+            continue
+        pos += 2 + length
+    return False
 
 
 def _rows_before_eoi(img, data: bytes, end: int, sentinel, finish: bool = True):

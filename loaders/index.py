@@ -9,9 +9,10 @@ back), in chunks, with a progress bar on stderr. Outputs:
   source's order, ids renumbered from 0);
 - the reject list: ``location<TAB>reason<TAB>detail`` per rejected sample, and per
   entry the scan did not list (:attr:`SampleList.skipped`: symlink loops,
-  duplicates, unsupported kinds, unreadable folders, truncated shards);
-- a summary ``{"total", "valid", "rejected", "reasons": {reason: count}}``, where
-  ``total`` counts both (``valid + rejected == total``).
+  duplicates, unsupported image kinds, unreadable folders, truncated shards);
+- a summary ``{"total", "valid", "rejected", "reasons": {reason: count}, "other_files"}``,
+  where ``total`` counts both (``valid + rejected == total``); ``other_files`` counts the
+  files of a folder that are not images (captions, JSON, ...): not rejects, not in ``total``.
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def index_source(
         rejects_out: path of the reject list (default: ``<out>.rejects.tsv``).
 
     Returns:
-        the summary: {"total", "valid", "rejected", "reasons", "seconds",
+        the summary: {"total", "valid", "rejected", "reasons", "other_files", "seconds",
         "files_per_s", "out", "rejects"}.
     """
     samples = resolve_source(source, cache_dir=cache_dir, rescan=rescan)
@@ -171,6 +172,7 @@ def index_source(
         "valid": int(len(samples) - rejected.sum()),
         "rejected": len(found),
         "reasons": dict(sorted(Counter(r for _, r, _ in found).items())),
+        "other_files": samples.other_files,
         "seconds": round(seconds, 3),
         "files_per_s": round(len(samples) / seconds, 1) if seconds > 0 else None,
         "out": str(out),

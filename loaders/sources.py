@@ -95,6 +95,8 @@ class SampleList:
         sizes: int64 (N,), member size in bytes (-1 for plain files); or None.
         skipped: (location, reason, detail) of each entry of the scanned source that is not a
             sample (see :func:`walk_folder`); not part of the list's identity (:meth:`digest`).
+        other_files: how many other entries of a scanned folder are neither samples nor rejects
+            (captions, JSON, hidden folders: :attr:`FolderScan.other`); not part of its identity.
     """
 
     root: str
@@ -103,6 +105,7 @@ class SampleList:
     offsets: np.ndarray | None = None
     sizes: np.ndarray | None = None
     skipped: list = field(default_factory=list, compare=False)
+    other_files: int = field(default=0, compare=False)
     _fds: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -239,11 +242,14 @@ class FolderScan:
         paths: the image files, relative to the folder, sorted.
         skipped: (relative path, reason, detail) of each entry not listed (see :data:`SKIP_REASONS`), sorted.
         dirs: (relative path, mtime in ns) of every directory listed: the folder's state, to revalidate a saved list.
+        other: how many other entries were not listed and not recorded: files of kinds that are not
+            images (captions, JSON, ...), hidden folders and links to them.
     """
 
     paths: list[str]
     skipped: list[tuple[str, str, str]]
     dirs: list[tuple[str, int]]
+    other: int = 0
 
 
 def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> FolderScan:
@@ -256,8 +262,10 @@ def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTE
     file system's listing order); a link back to a folder already listed is a
     ``symlink_loop`` (to an enclosing folder) or a ``duplicate``. A file link whose target
     is also listed is a ``duplicate``; a link that loops or points nowhere, a folder that
-    cannot be listed, hidden names, other extensions and special files are skipped with
-    their reason (``symlink_loop``, ``missing``, ``unreadable``, ``unsupported``).
+    cannot be listed, and image-like names that are not samples (other image kinds such as
+    GIF, hidden image files, special files with image names) are skipped with their reason
+    (``symlink_loop``, ``missing``, ``unreadable``, ``unsupported``). Everything else (captions,
+    JSON, hidden folders, ...) is not a reject, as in tar shards: only counted (``other``).
     """
     root = os.fspath(root)
     top = os.stat(root)
@@ -267,6 +275,7 @@ def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTE
     found: list[str] = []
     skipped: list[tuple[str, str, str]] = []
     dirs: list[tuple[str, int]] = []
+    other = 0
     file_links: list[tuple[str, tuple[int, int]]] = []  # (relative path, (st_dev, st_ino) of the target)
     devices, inodes = array("Q"), array("Q")  # of each plain file listed, to find links to them (16 bytes a file)
 
@@ -310,12 +319,17 @@ def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTE
                         found.append(rel)
                         devices.append(dir_stat.st_dev)
                         inodes.append(entry.inode())
-                    else:
+                    elif _image_like(name, extensions):
                         mode = stat.S_IFREG if entry.is_file(follow_symlinks=False) else 0
                         skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, mode, extensions)))
+                    else:
+                        other += 1  # captions, metadata, ...: not rejects, only counted
                     continue
                 if name.startswith("."):
-                    skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, 0, extensions)))
+                    if _image_like(name, extensions):
+                        skipped.append((rel, UNSUPPORTED, _unlisted(rel, name, 0, extensions)))
+                    else:
+                        other += 1  # a hidden folder (.git, .cache, ...) or link
                     continue
                 if not entry.is_symlink():
                     enter(rel, entry.stat(follow_symlinks=False))
@@ -328,8 +342,10 @@ def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTE
                 heapq.heappush(linked, rel)
                 continue
             why = _unlisted(rel, name, target.st_mode, extensions)
-            if why is not None:
+            if why is not None and _image_like(name, extensions):
                 skipped.append((rel, UNSUPPORTED, why))
+            elif why is not None:
+                other += 1
             else:
                 file_links.append((rel, (target.st_dev, target.st_ino)))
     if file_links:  # a link to a file listed under its own name (or by an earlier link) is a duplicate
@@ -346,7 +362,7 @@ def walk_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTE
     found.sort()
     skipped.sort()
     dirs.sort()
-    return FolderScan(found, skipped, dirs)
+    return FolderScan(found, skipped, dirs, other)
 
 
 def scan_folder(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -393,6 +409,12 @@ def _os_detail(exc: OSError) -> str:
 
 def _listable(rel: str) -> bool:
     return "\t" not in rel and "\n" not in rel and "\r" not in rel
+
+
+def _image_like(name: str, extensions: frozenset[str]) -> bool:
+    """Whether a name that is not a sample still names an image (a reject worth naming), not a caption or such."""
+    ext = name[name.rfind("."):].lower() if name.rfind(".") > 0 else ""
+    return ext in extensions or ext in IMAGE_EXTENSIONS or ext in OTHER_IMAGE_EXTENSIONS
 
 
 def _unlisted(rel: str, name: str, mode: int, extensions: frozenset[str]) -> str | None:
@@ -627,7 +649,11 @@ def resolve_source(
                 logger.warning("clipdistill.loaders: %s changed since this run's list was saved (%s); the run keeps "
                                "its list of %d images (%s); start a new run to use the change", what, change,
                                len(old), saved)
-            old.skipped = [tuple(x) for x in (state or {}).get("skipped", [])]
+            saved_skipped = [tuple(x) for x in (state or {}).get("skipped", [])]
+            # an older version recorded every caption as `unsupported`: those are other files now
+            old.skipped = [x for x in saved_skipped if x[1] != UNSUPPORTED or _image_like(os.path.basename(x[0]),
+                                                                                            IMAGE_EXTENSIONS)]
+            old.other_files = int((state or {}).get("other_files", 0)) + len(saved_skipped) - len(old.skipped)
             log_skipped(what, old.skipped)
             logger.info("clipdistill.loaders: %d samples from the saved list %s", len(old), saved)
             _check_not_empty(old, what)
@@ -638,7 +664,7 @@ def resolve_source(
     samples, state = _scan(source, shards, cache_dir)
     _check_not_empty(samples, what)
     samples.save(saved)
-    _write_state(record, state, samples.skipped)
+    _write_state(record, dict(state, other_files=samples.other_files), samples.skipped)
     log_skipped(what, samples.skipped)
     if old is not None:
         before = {old.location(i) for i in range(len(old))}
@@ -657,7 +683,9 @@ def _check_not_empty(samples: SampleList, what: str) -> None:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(_count(r for _, r, _ in samples.skipped).items()))
         raise EmptySourceError(
             f"no images found in {what} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}"
-            + (f"; skipped: {reasons}" if reasons else "") + "); check the path, or pass a list file"
+            + (f"; skipped: {reasons}" if reasons else "")
+            + (f"; {samples.other_files} other files" if samples.other_files else "")
+            + "); check the path, or pass a list file"
         )
 
 
@@ -707,7 +735,7 @@ def _scan(source, shards: list[str] | None, cache_dir) -> tuple[SampleList, dict
         scanned_ns = time.time_ns()
         scan = walk_folder(root)
         skipped = [(os.path.join(root, rel), reason, detail) for rel, reason, detail in scan.skipped]
-        samples = SampleList(root=root, paths=scan.paths, skipped=skipped)
+        samples = SampleList(root=root, paths=scan.paths, skipped=skipped, other_files=scan.other)
         return samples, {"scanned_ns": scanned_ns, "dirs": scan.dirs}
     if not shards:
         raise EmptySourceError(f"no tar shards match {source!r}")

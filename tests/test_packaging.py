@@ -103,3 +103,16 @@ def test_importing_the_engine_makes_torchvision_importable(tmp_path):
         tmp_path,
     )
     assert state in ("native", "shimmed")
+
+
+def test_pillow_requirement_opens_16_bit_grey_png_as_i16():
+    """Pillow before 10.3 opens a 16-bit grey PNG as mode I, which the loaders refuse (formats.REFUSED_MODES)."""
+    import ast
+
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    requirements = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                        and any(getattr(t, "id", None) == "REQUIREMENTS" for t in node.targets))
+    pillow = [r for r in requirements if re.match(r"pillow\b", r, re.I)]
+    assert len(pillow) == 1, requirements
+    floor = re.search(r">=\s*([\d.]+)", pillow[0])
+    assert floor and tuple(int(p) for p in floor.group(1).split(".")) >= (10, 3), pillow[0]

@@ -54,6 +54,7 @@ from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer, import_open_clip
 from clipdistill.engine.models.tuned import TunedTeacher, load_tuned_teacher, tuned_teacher_class_vectors
 from clipdistill.engine.progress import progress_bar
+from clipdistill.engine.prompts.learners import PROMPT_PLACEMENTS
 from clipdistill.engine.prompts.registry import build_learner as build_prompt_learner
 from clipdistill.engine.training.checkpoint import CheckpointError, load_checkpoint, load_class_vectors, tensor_sha256
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
@@ -248,7 +249,7 @@ def _read_export(path: Path, metadata: dict) -> DistilledStudent:
         learner_options=dict(header["learner"].get("options") or {}), learner_state=learner_state,
         class_names=list(header["class_names"]), templates=list(header["templates"]),
         class_vectors=tensors.get(CLASS_VECTORS), class_vectors_space=header.get("class_vectors"),
-        backbone_state=backbone or None, header=header, step=header.get("source", {}).get("step"),
+        backbone_state=backbone or None, header=header, step=(header.get("source") or {}).get("step"),
         prompt_placement=header["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT),
     )
 
@@ -288,6 +289,9 @@ def check_export_header(path: Union[str, Path], header: dict, tensors: dict[str,
                 refuse(f"'{record}.{key}' must be a string or null, found {value.get(key)!r}")
     if not isinstance(header["learner"].get("options") or {}, dict):
         refuse(f"'learner.options' must be an object, found {header['learner']['options']!r}")
+    placement = header["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT)
+    if not isinstance(placement, str) or placement not in PROMPT_PLACEMENTS:
+        refuse(f"'learner.prompt_placement' must be one of {', '.join(PROMPT_PLACEMENTS)}, found {placement!r:.80}")
     names = header["class_names"]
     if not isinstance(names, list) or not names:
         refuse(f"'class_names' must be a non-empty list of strings, found {names!r:.80}")

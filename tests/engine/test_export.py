@@ -269,8 +269,13 @@ def _int32_vectors(tensors):
     (lambda h: h.update(backbone_shapes={"logit_scale": "[]"}), None, r"'backbone_shapes' must map"),
     (None, lambda t: t.update({"learner.prompts.ctx": t["learner.prompts.ctx"] > 0}),
      r"tensor 'learner\.prompts\.ctx' has dtype torch\.bool"),
+    (lambda h: h["learner"].update(prompt_placement=["before_ln_pre"]), None,
+     r"'learner\.prompt_placement' must be one of before_ln_pre, after_ln_pre, found \['before_ln_pre'\]"),
+    (lambda h: h["learner"].update(prompt_placement="after_ln_post"), None,
+     r"'learner\.prompt_placement' must be one of .* found 'after_ln_post'"),
 ], ids=["string", "empty", "empty-name", "null-name", "duplicate", "rows", "int32-vectors", "space", "space-null",
-        "templates", "learner-kind", "student", "weights", "backbone-shapes", "bool-tensor"])
+        "templates", "learner-kind", "student", "weights", "backbone-shapes", "bool-tensor", "placement-type",
+        "placement"])
 def test_refuses_hostile_export_headers(coop_export, tmp_path, capsys, edit_header, edit_tensors, message):
     path = _rewrite(coop_export, tmp_path / "hostile.safetensors", edit_header=edit_header, edit_tensors=edit_tensors)
     with pytest.raises(ExportError, match=message):
@@ -278,6 +283,13 @@ def test_refuses_hostile_export_headers(coop_export, tmp_path, capsys, edit_head
     assert run_cli("predict", tmp_path, "--checkpoint", path, "--device", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("clipdistill predict: error: ") and "export header" in err[0], err
+
+
+def test_a_null_source_header_reads(coop_export, tmp_path):
+    """Reproduction: "source": null (allowed by the header check) crashed with AttributeError on .get."""
+    path = _rewrite(coop_export, tmp_path / "no_source.safetensors", edit_header=lambda h: h.update(source=None))
+    distilled = read_distilled(path)
+    assert distilled.step is None and distilled.header["source"] is None
 
 
 def test_refuses_an_embedded_backbone_that_does_not_fit(world, tmp_path, capsys):

@@ -35,6 +35,21 @@ def test_transform_equals_the_loaders_rendering(picture, view):
     torch.testing.assert_close(mine, batch.images["x"][0], rtol=0, atol=1e-6)
 
 
+def test_transform_renders_16_bit_pixels_as_the_loaders_do(tmp_path):
+    """Reproduction: image.convert("RGB") clipped a 16-bit grey PNG to white; the loaders scale it by 1/257."""
+    path = tmp_path / "images" / "deep.png"
+    path.parent.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 65536, size=(29, 41), dtype=np.uint16)).save(path)
+    transform = ImageTransform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loader = ImageLoader(path.parent, global_batch_size=1, transform=CenterCrop(), backend="torch", workers=0,
+                         interpolation="bicubic", outputs=(OutputSpec("x", 16, transform.mean, transform.std),))
+    with Image.open(path) as image:
+        assert image.mode.startswith("I;16")
+        mine = transform(image)
+    torch.testing.assert_close(mine, next(iter(loader)).images["x"][0], rtol=0, atol=1e-6)
+    assert mine.max() < 1.9  # white is (1 - 0.5) / 0.25 = 2 everywhere
+
+
 def test_teacher_and_student_transforms_read_each_models_input(teacher_clip, student_clip):
     from clipdistill.engine.models import TINY_STUDENT, Teacher, get_tokenizer
     from clipdistill.engine.prompts import CoOp

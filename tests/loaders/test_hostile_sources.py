@@ -87,17 +87,39 @@ def test_links_to_listed_folders_and_files_are_duplicates_whatever_the_listing_o
 
 
 def test_skipped_kinds_are_counted_as_unsupported(tmp_path, capsys):
+    # Reproduction: each caption and JSON beside an image was an `unsupported` reject (2/3 of an
+    # image+caption+json folder rejected, one saved record per caption); tar shards ignore them.
     root = tmp_path / "data"
     write_dataset(root, 3, size=(40, 30))
+    for i in range(3):
+        (root / f"img_{i:06d}.txt").write_text("a caption")
+        (root / f"img_{i:06d}.json").write_text("{}")
     (root / "anim.gif").write_bytes(b"GIF89a" + b"\0" * 40)
     (root / ".hidden.jpg").write_bytes((root / "img_000000.jpg").read_bytes())
     (root / ".cache").mkdir()
     (root / ".cache" / "x.jpg").write_bytes(b"x")
     (root / "labels.csv").write_text("a,b\n")
+    os.symlink("labels.csv", root / "labels_link.csv")
+    os.mkfifo(root / "pipe.png")
+    _age(root)  # so that the second index reads the saved list and its state
     summary, rejects = _index(root, tmp_path, capsys)
-    assert (summary["total"], summary["valid"], summary["reasons"]) == (7, 3, {"unsupported": 4})
-    assert rejects == {"anim.gif": "unsupported", ".hidden.jpg": "unsupported", ".cache": "unsupported",
-                       "labels.csv": "unsupported"}
+    assert (summary["total"], summary["valid"], summary["reasons"]) == (6, 3, {"unsupported": 3})
+    assert rejects == {"anim.gif": "unsupported", ".hidden.jpg": "unsupported", "pipe.png": "unsupported"}
+    assert summary["other_files"] == 9  # 6 captions and JSONs, labels.csv, its link, .cache
+    again, _ = _index(root, tmp_path, capsys)  # from the saved list: the same counts
+    assert {k: again[k] for k in ("total", "reasons", "other_files")} == \
+        {k: summary[k] for k in ("total", "reasons", "other_files")}
+    state_file = next((tmp_path / "cache" / "lists").glob("*.state.json"))
+    state = json.loads(state_file.read_text())
+    assert len(state["skipped"]) == 3 and state["other_files"] == 9
+    # a state saved by an older version: captions were `unsupported` entries, no other_files
+    del state["other_files"]
+    state["skipped"] += [[str(root / f"img_{i:06d}.txt"), "unsupported", "(.txt)"] for i in range(3)]
+    state_file.write_text(json.dumps(state))
+    old, rejects = _index(root, tmp_path, capsys)
+    assert (old["total"], old["reasons"], old["other_files"], len(rejects)) == (6, {"unsupported": 3}, 3, 3)
+    ld, _ = _loader_ids(root, tmp_path / "c2")
+    assert len(ld.samples) == 3 and len(ld.samples.skipped) == 3
 
 
 def test_the_saved_list_is_revalidated_and_a_resumed_run_keeps_its_own(tmp_path, caplog):
