@@ -49,7 +49,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     names = _per_dataset(args.class_names, len(folders), "--class-names") if folders else []
     templates = _per_dataset(args.templates, len(folders), "--templates") if folders else []
     datasets = [Dataset(f, n, t) for f, n, t in zip(folders, names, templates)]
-    teacher = {"name": args.teacher, "weights": args.teacher_weights} if args.teacher else None
+    # --teacher-weights alone: other weights of the distilled student's teacher
+    teacher = {k: v for k, v in (("name", args.teacher), ("weights", args.teacher_weights)) if v is not None} or None
     student = {k: v for k, v in (("name", args.student), ("weights", args.student_weights)) if v is not None}
     report = run_evaluation(
         datasets, distilled=args.checkpoint, teacher=teacher, student=student, use_teacher=not args.no_teacher,

@@ -63,8 +63,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.0025)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs at lr 1e-5 before the cosine schedule")
-    parser.add_argument("--gpa-mean", type=float, default=None,
-                        help="epoch at the centre of the Gaussian prompt aggregation (default 0.75 x epochs)")
+    parser.add_argument("--gpa-mean", type=float, default=0.75,
+                        help="centre of the Gaussian prompt aggregation as a fraction of --epochs, as learner.gpa_mean "
+                             "(default 0.75: epoch 15 of 20, as published)")
     parser.add_argument("--n-ctx", type=int, default=4, help="text prompt tokens (default 4)")
     parser.add_argument("--n-vision-ctx", type=int, default=None, help="vision prompt tokens (default: --n-ctx)")
     parser.add_argument("--depth", type=int, default=9, help="text prompt depth in layers (default 9)")

@@ -143,7 +143,7 @@ class CutoutAugment:
 
     flip_p: float = 0.5
     sharpness_p: float = 0.4
-    sharpness: float = 0.3  # unsharp-mask strength drawn from U(0, sharpness)
+    sharpness: float = 0.3  # the blend factor toward the input is drawn from U(0, sharpness)
     affine_p: float = 0.8
     degrees: float = 30.0
     translate: float = 0.1  # fraction of the cutout's side
@@ -199,8 +199,10 @@ class Cutouts:
     uniform position, then (each with its probability in ``augment``) a horizontal flip, an
     affine map (rotation, translation), a perspective map (each corner moved inwards by
     U(0, distortion) of the half side, per coordinate), all composed into one homography per view
-    and sampled once (bilinear, border padding) at the teacher's side; then an unsharp mask
-    ``x + a (x - smooth(x))`` (PIL's SMOOTH kernel), a color matrix (a hue rotation in YIQ and a
+    and sampled once (bilinear, border padding) at the teacher's side; then kornia's sharpness
+    blend ``s + f (x - s)`` with ``f ~ U(0, sharpness)`` (as ``RandomSharpness(0.3)`` samples it),
+    where ``s`` is ``x`` smoothed by PIL's SMOOTH kernel and clamped to [0, 1], its one-pixel
+    border kept from ``x`` (with ``f`` below 1 this softens the view), a color matrix (a hue rotation in YIQ and a
     saturation blend with the luma), and Gaussian noise with a per-view standard deviation. Not
     clamped afterwards (as VQGAN-CLIP: the noise may leave [0, 1]).
 
@@ -291,11 +293,12 @@ class Cutouts:
         if a.sharpness_p > 0 and a.sharpness > 0:
             chosen = torch.nonzero(u[:, _U_SHARP] < a.sharpness_p).squeeze(1)  # only the views drawn for it
             if chosen.numel():
-                amount = (u[chosen, _U_SHARP_AMOUNT] * a.sharpness).view(-1, 1, 1, 1)
+                factor = (u[chosen, _U_SHARP_AMOUNT] * a.sharpness).view(-1, 1, 1, 1)
                 part = views.index_select(0, chosen)
                 kernel = _SMOOTH_KERNEL.to(device).repeat(channels, 1, 1, 1)
-                smooth = F.conv2d(F.pad(part, (1, 1, 1, 1), mode="replicate"), kernel, groups=channels)
-                views = views.index_copy(0, chosen, part + amount * (part - smooth))
+                smooth = part.clone()  # the one-pixel border stays the input's
+                smooth[..., 1:-1, 1:-1] = F.conv2d(part, kernel, groups=channels).clamp(0, 1)
+                views = views.index_copy(0, chosen, smooth + factor * (part - smooth))
         if a.jitter_p > 0 and (a.hue > 0 or a.saturation > 0):
             views = torch.einsum("nij,njhw->nihw", self.color_matrices(u), views)
         if a.noise > 0:

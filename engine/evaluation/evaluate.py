@@ -523,6 +523,8 @@ def _models_to_load(spec, teacher: Optional[dict], student: Optional[dict], *, u
                 f"the PromptKD student {spec.path} was distilled from teacher {spec.teacher.get('name')!r} and scores "
                 f"images against that teacher's class vectors; teacher {teacher['name']!r} was given"
             )
+    if use_teacher and teacher.get("weights") and not teacher.get("name"):
+        raise EvalInputError(f"--teacher-weights {teacher['weights']} names no teacher: give --teacher")
     if use_teacher and not teacher.get("name"):
         use_teacher = False
     if spec is None and not student.get("name") and not use_teacher:
@@ -557,7 +559,9 @@ class _LoadedModels:
         """The teacher's, the zero-shot student's and the distilled student's classifiers for these names."""
         out = []
         if self.teacher_model is not None:
-            if self.spec is not None and self.teacher.get("prompts") == self.spec.teacher.get("prompts"):
+            if self.spec is not None and all(self.teacher.get(key) == self.spec.teacher.get(key)
+                                             for key in ("name", "weights", "prompts")):
+                # the teacher the run distilled from: its stored vectors (or that teacher's)
                 vectors = distilled_teacher_vectors(self.spec, names, templates, model=self.teacher_model,
                                                     device=self.device, cache_dir=self.class_vector_cache)
             else:

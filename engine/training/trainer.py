@@ -92,6 +92,11 @@ class Trainer:
         # Several ranks: every rank runs the same steps on its slice; rank 0 alone writes files.
         self.rank, self.world = rank_and_world()
         self.is_main = self.rank == 0
+        if self.is_main and warmup_steps >= self.total_steps:
+            source = (f"optim.warmup_steps={o.warmup_steps}" if o.warmup_steps
+                      else f"optim.warmup_epochs={o.warmup_epochs} ({micro_per_epoch} batches an epoch)")
+            self.log(f"WARNING: {source} gives {warmup_steps} warm-up steps, which cover the whole run of "
+                     f"{self.total_steps} optimizer steps: the learning rate never reaches optim.lr")
         self.core = OptimizerCore(
             self.optimizer, params, base_lr=o.lr, total_steps=self.total_steps, warmup_steps=warmup_steps,
             warmup_lr=o.warmup_lr, schedule=o.schedule, grad_accum=o.grad_accum, clip_grad_norm=o.clip_grad_norm,

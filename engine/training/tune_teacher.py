@@ -176,7 +176,8 @@ def draw_shots(
 class TuneSettings:
     """How the teacher is tuned. Defaults: PromptSRC's published few-shot settings.
 
-    ``gpa_mean`` None puts the Gaussian's mean at 0.75 of the epochs (PromptSRC: 15 of 20);
+    ``gpa_mean`` is the Gaussian's mean as a fraction of the epochs, as ``learner.gpa_mean`` in
+    ``distill`` (0.75 of 20 epochs: PromptSRC's published 15); ``gpa_std`` is in epochs;
     ``warmup_epochs`` run at the constant rate ``warmup_lr`` before the cosine schedule.
     ``min_scale`` is the smallest crop area of the random resized crop (torchvision's 0.08).
     """
@@ -191,7 +192,7 @@ class TuneSettings:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    gpa_mean: Optional[float] = None
+    gpa_mean: float = 0.75
     gpa_std: float = 1.0
     loss_weights: Optional[Mapping[str, float]] = None
     min_scale: float = 0.08
@@ -209,6 +210,9 @@ class TuneSettings:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if not 0 <= self.warmup_epochs < self.epochs:
             problems.append(f"warmup_epochs must be in [0, epochs) (got {self.warmup_epochs} of {self.epochs})")
+        if not 0 < self.gpa_mean <= 1:
+            problems.append(f"gpa_mean is a fraction of the epochs in (0, 1] (0.75 of 20 epochs is the published "
+                            f"15), got {self.gpa_mean}")
         if not self.gpa_std > 0:
             problems.append(f"gpa_std must be > 0 (got {self.gpa_std})")
         if problems:
@@ -304,7 +308,7 @@ def labeled_accuracy(
 
 
 def _train(learner, params: list[torch.Tensor], loader, labels_all: torch.Tensor, settings: TuneSettings,
-           loss_weights: Mapping[str, float], gpa_mean: float, *, device: torch.device,
+           loss_weights: Mapping[str, float], gpa_mean_epoch: float, *, device: torch.device,
            log: Callable[[str], None]) -> dict[str, float]:
     """The epochs: cross-entropy plus PromptSRC's weighted parts, through the engine's optimizer core;
     at the end of each epoch the prompts join the Gaussian aggregation, whose result is loaded last.
@@ -318,7 +322,7 @@ def _train(learner, params: list[torch.Tensor], loader, labels_all: torch.Tensor
         params, base_lr=settings.lr, total_steps=settings.epochs * steps_per_epoch,
         warmup_steps=settings.warmup_epochs * steps_per_epoch, warmup_lr=settings.warmup_lr, schedule="cosine",
     )
-    aggregator = GaussianPromptAggregator(settings.epochs, mean=gpa_mean, std=settings.gpa_std)
+    aggregator = GaussianPromptAggregator(settings.epochs, mean=gpa_mean_epoch, std=settings.gpa_std)
     input_dtype = _input_dtype(learner.clip)
     losses: dict[str, float] = {}
     learner.train()
@@ -360,7 +364,7 @@ def _train(learner, params: list[torch.Tensor], loader, labels_all: torch.Tensor
 
 def _header(teacher: str, weights: Optional[str], weights_path: Optional[str], data, shots: ShotSelection,
             templates: list[str], options: Mapping[str, Any], settings: TuneSettings,
-            loss_weights: Mapping[str, float], *, gpa_mean: float, precision: str,
+            loss_weights: Mapping[str, float], *, gpa_mean_epoch: float, precision: str,
             losses: Mapping[str, float]) -> dict:
     """The tuned-teacher file's JSON header: what :func:`load_tuned_teacher` needs, and provenance."""
     return {
@@ -376,7 +380,7 @@ def _header(teacher: str, weights: Optional[str], weights_path: Optional[str], d
                   "files": list(shots.samples.paths)},
         "settings": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(settings).items()},
         "loss_weights": dict(loss_weights),
-        "gpa_mean": gpa_mean,
+        "gpa_mean_epoch": gpa_mean_epoch,  # settings.gpa_mean x epochs (files before it: "gpa_mean", in epochs)
         "precision": precision,
         "losses": dict(losses),
         "versions": _versions(),
@@ -466,12 +470,12 @@ def tune_teacher(
         transform=RandomResizedCrop(scale=(settings.min_scale, 1.0)), seed=settings.seed, backend=backend,
         device=device, workers=settings.workers, interpolation=settings.interpolation,
     )
-    gpa_mean = settings.gpa_mean if settings.gpa_mean is not None else 0.75 * settings.epochs
-    losses = _train(learner, params, loader, torch.from_numpy(shots.labels), settings, loss_weights, gpa_mean,
+    gpa_mean_epoch = settings.gpa_mean * settings.epochs
+    losses = _train(learner, params, loader, torch.from_numpy(shots.labels), settings, loss_weights, gpa_mean_epoch,
                     device=device, log=log)
 
     header = _header(teacher, weights, weights_path, data, shots, template_list, options, settings, loss_weights,
-                     gpa_mean=gpa_mean, precision=precision, losses=losses)
+                     gpa_mean_epoch=gpa_mean_epoch, precision=precision, losses=losses)
     header["learner"]["prompt_placement"] = prompt_placement
     header["frozen_templates"] = frozen_list
     path = save_tuned_teacher(out, learner.state_to_save(), header)

@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,12 +231,25 @@ def test_cutout_geometry_against_direct_references():
     gray = torch.full((3,), 0.4)
     torch.testing.assert_close(matrices @ gray, gray.expand(matrices.shape[0], 3), rtol=0, atol=1e-5)
     assert (matrices - torch.eye(3)).abs().amax() > 1e-3
-    # Sharpening keeps a flat image flat and raises a checkerboard's contrast; noise has sigma in [0, noise].
+    # Sharpness (kornia's, as RandomSharpness(0.3) draws it): keeps a flat image flat; otherwise each view
+    # is s + f (x - s), f ~ U(0, 0.3), s the 3x3 SMOOTH average clamped to [0, 1] inside and x on the border.
     sharp = generators.Cutouts(16, n_cutouts=4, cut_min=1.0, augment=dataclasses.replace(off, sharpness_p=1.0))
     flat = torch.full((1, 3, 16, 16), 0.3)
     torch.testing.assert_close(sharp(flat, _gens([0])), flat.expand(4, 3, 16, 16), rtol=0, atol=1e-6)
     board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]).remainder(2).float().expand(1, 3, 16, 16) * 0.5 + 0.25
-    assert (sharp(board, _gens([0])).std(dim=(1, 2, 3)) > board.std() + 1e-4).all()
+    x = board[0].double().numpy()
+    factors = sharp.draw(_gens([0]), torch.device("cpu")).view(4, -1)[:, 18].double().numpy() * 0.3
+    assert (factors >= 0).all() and (factors <= 0.3).all()
+    expected = np.empty((4, 3, 16, 16))
+    for view, f in enumerate(factors):
+        s = x.copy()
+        for i in range(1, 15):
+            for j in range(1, 15):
+                s[:, i, j] = np.clip((x[:, i - 1:i + 2, j - 1:j + 2].sum(axis=(1, 2)) + 4 * x[:, i, j]) / 13, 0, 1)
+        expected[view] = (1 - f) * s + f * x
+    got = sharp(board, _gens([0]))
+    torch.testing.assert_close(got.double(), torch.from_numpy(expected), rtol=0, atol=1e-5)
+    assert (got.std(dim=(1, 2, 3)) < board.std() - 1e-3).all()  # factors below 1 soften, never sharpen
     noisy = generators.Cutouts(16, n_cutouts=8, cut_min=1.0, augment=dataclasses.replace(off, noise=0.1))
     sigma = (noisy(flat, _gens([0])) - 0.3).std(dim=(1, 2, 3))
     assert (sigma < 0.1 * 1.1).all() and sigma.max() - sigma.min() > 0.01

@@ -100,8 +100,8 @@ def test_refuses_class_names_that_do_not_match_the_folder(world):
 
 def _direct_logits(world, learner, names, images):
     """Teacher, zero-shot student and distilled student logits computed by hand on the same tensors."""
-    from clipdistill.engine.models.class_vectors import encode_class_names
     from clipdistill.engine.models import get_tokenizer
+    from clipdistill.engine.models.class_vectors import encode_class_names
 
     templates = ["a photo of a {}."]
     teacher = world.teacher()
@@ -176,6 +176,42 @@ def test_eval_numbers_equal_a_direct_computation(world, tmp_path, capsys):
         assert report["unlabeled"][model]["agreement"] == pytest.approx(expected["agreement"])
         assert report["unlabeled"][model]["kl"] == pytest.approx(expected["kl"], rel=1e-5)
     assert report["unlabeled"]["images"] == 7
+
+
+def test_eval_teacher_row_is_the_named_teacher_not_the_runs(world, tmp_path, capsys, monkeypatch):
+    """--teacher-weights other than the run's: the teacher row scores that teacher, not the run's class vectors."""
+    from clipdistill.engine.distill.metrics import agreement_kl
+    from clipdistill.engine.models import build_teacher, get_tokenizer, load_clip
+    from clipdistill.engine.models.class_vectors import encode_class_names
+    from clipdistill.loaders.sources import resolve_source
+
+    checkpoint, learner = world.distilled("coop", {"n_ctx": 4, "init_words": "a photo of a"}, out="eval_other")
+    torch.manual_seed(5)
+    other = data.save_weights(load_clip(data.TINY_TEACHER, None), tmp_path / "other_teacher.safetensors")
+    common = ("eval", "--data", world.labeled, "--class-names", world.names, "--checkpoint", checkpoint,
+              "--unlabeled", world.unlabeled, "--device", "cpu", "--workers", "1", "--batch-size", "4",
+              "--cache-dir", tmp_path / "cache")
+    assert run_cli(*common) == 0  # caches the run's teacher's class vectors
+    capsys.readouterr()
+    # The run's (stored) vectors stand in as unrelated ones: the other teacher's row must not read them.
+    from clipdistill.engine.evaluation import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "distilled_teacher_vectors",
+                        lambda *a, **k: F.normalize(torch.randn(len(data.CLASS_NAMES), 48), dim=-1))
+    assert run_cli(*common, "--teacher-weights", other) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["models"]["teacher"]["weights"] == str(other)
+
+    _, images = data.loader_images(resolve_source(world.unlabeled, cache_dir=world.cache))
+    teacher = build_teacher(data.TINY_TEACHER, str(other))
+    vt = encode_class_names(teacher.encode_text, get_tokenizer(data.TINY_TEACHER), data.CLASS_NAMES,
+                            ["a photo of a {}."])
+    scale = float(learner.logit_scale)
+    with torch.no_grad():
+        teacher_logits = teacher.encode_image(images) @ vt.t() * scale
+    expected = agreement_kl(teacher_logits, learner(images).logits)
+    assert report["unlabeled"]["student_distilled"]["kl"] == pytest.approx(expected["kl"], rel=1e-5)
+    assert report["unlabeled"]["student_distilled"]["agreement"] == pytest.approx(expected["agreement"])
 
 
 def test_eval_without_a_distilled_student(world, capsys):

@@ -287,3 +287,18 @@ def test_kdpl_step_on_gpu_in_bf16(shape_data, tiny_run_config, tmp_path):
     summary = Trainer(run, log=lambda m: None).fit()
     assert np.isfinite(summary["loss/loss"])
     assert all(p.dtype == torch.float32 for p in run.step.trainable_parameters().values())
+
+
+def test_warmup_covering_the_whole_run_warns(shape_data, tiny_run_config, tmp_path):
+    """optim.warmup_epochs longer than train.max_steps: one WARNING naming the key and both step counts."""
+    def messages(optim):
+        cfg = load_run_config(tiny_run_config(shape_data, tmp_path, optim=optim))
+        logged = []
+        trainer = Trainer(build_run(cfg, log=lambda m: None), log=logged.append)
+        return trainer, [m for m in logged if m.startswith("WARNING")]
+
+    trainer, warned = messages({"warmup_steps": 0, "warmup_epochs": 2})
+    assert trainer.total_steps == 3 and trainer.core.warmup_steps >= 3  # the user's setting is kept
+    assert len(warned) == 1 and "optim.warmup_epochs=2" in warned[0]
+    assert f"{trainer.core.warmup_steps} warm-up steps" in warned[0] and "3 optimizer steps" in warned[0]
+    assert messages({"warmup_steps": 1})[1] == []

@@ -10,6 +10,7 @@ predictions, and without it SGD escapes the initial plateau only erratically.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -200,6 +201,22 @@ def test_save_load_round_trip_gives_identical_features(tuned, shapes):
     assert torch.equal(loaded.class_vectors(), in_memory.class_vectors())
     saved, now = loaded.learner.state_to_save(), in_memory.learner.state_to_save()
     assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
+
+
+def test_gpa_mean_is_a_fraction_of_the_epochs_as_in_distill(tmp_path):
+    """tune-teacher's gpa_mean is learner.gpa_mean's unit: 0.5 of 4 epochs centres the aggregation on epoch 2."""
+    from clipdistill.engine.commands.tune_teacher import register
+
+    parser = register(argparse.ArgumentParser().add_subparsers())
+    assert parser.get_default("gpa_mean") == TuneSettings().gpa_mean == 0.75  # 15 of the published 20 epochs
+    root = write_labeled(tmp_path / "data", {"circle": 2, "bar": 2}, seed=8)
+    run = dict(out=tmp_path / "t.safetensors", learner_options=SMALL_PROMPTS, device="cpu", log=lambda m: None)
+    with pytest.raises(TuneTeacherInputError, match=r"gpa_mean is a fraction.*got 15"):
+        tune_teacher(TINY_TEACHER, None, root, settings=TuneSettings(shots=2, epochs=20, gpa_mean=15, **FAST), **run)
+    result = tune_teacher(TINY_TEACHER, None, root,
+                          settings=TuneSettings(shots=2, epochs=4, batch_size=4, gpa_mean=0.5, **FAST), **run)
+    header = read_tuned_header(result.path)
+    assert header["settings"]["gpa_mean"] == 0.5 and header["gpa_mean_epoch"] == 2.0
 
 
 def test_random_init_teacher_round_trips_through_its_seed(tmp_path):
