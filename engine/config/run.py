@@ -219,9 +219,10 @@ class RunConfig:
         if (self.data.shots is not None or self.data.base_classes_only) and self.teacher.cache:
             raise ConfigError("data.shots / data.base_classes_only choose images and classes that a teacher cache "
                               "was not built for; unset teacher.cache")
-        if self.learner.gpa_std <= 0 or self.learner.gpa_mean <= 0:
-            raise ConfigError(f"learner.gpa_mean (a fraction of the run's epochs) and learner.gpa_std (epochs) "
-                              f"must be > 0, got {self.learner.gpa_mean}, {self.learner.gpa_std}")
+        if self.learner.gpa_std <= 0 or not 0 < self.learner.gpa_mean <= 1:
+            raise ConfigError(f"learner.gpa_mean (a fraction of the run's epochs, in (0, 1]; 0.75 of 20 epochs is "
+                              f"PromptSRC's epoch 15) and learner.gpa_std (epochs, > 0): got "
+                              f"{self.learner.gpa_mean}, {self.learner.gpa_std}")
         learner_options(self.learner.kind, self.learner.options)  # names and types
 
 

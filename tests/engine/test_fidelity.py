@@ -349,3 +349,10 @@ def test_kdpl_csv_class_names(tmp_path):
     path.write_text("ClassName\nAbelia\nAbacus\nAbelia\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="line 4 repeats 'Abelia'"):
         read_class_names(f"kdpl-csv:{path}")
+
+
+def test_learner_gpa_mean_is_a_fraction_of_the_run():
+    assert load_run_config(None, ["learner.kind=promptsrc"], recipe="kdpl").learner.gpa_mean == 0.75
+    for bad in ("15", "0", "-0.5"):  # 15 is the published epoch, not a fraction
+        with pytest.raises(ConfigError, match=r"learner.gpa_mean \(a fraction"):
+            load_run_config(None, ["learner.kind=promptsrc", f"learner.gpa_mean={bad}"], recipe="kdpl")
