@@ -290,8 +290,10 @@ def check_export_header(path: Union[str, Path], header: dict, tensors: dict[str,
     if not isinstance(header["learner"].get("options") or {}, dict):
         refuse(f"'learner.options' must be an object, found {header['learner']['options']!r}")
     placement = header["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT)
-    if not isinstance(placement, str) or placement not in PROMPT_PLACEMENTS:
-        refuse(f"'learner.prompt_placement' must be one of {', '.join(PROMPT_PLACEMENTS)}, found {placement!r:.80}")
+    if placement is not None and (not isinstance(placement, str) or placement not in PROMPT_PLACEMENTS):
+        # null: written for a learner without vision prompts, or the published placement (see export())
+        refuse(f"'learner.prompt_placement' must be one of {', '.join(PROMPT_PLACEMENTS)} or null, found "
+               f"{placement!r:.80}")
     names = header["class_names"]
     if not isinstance(names, list) or not names:
         refuse(f"'class_names' must be a non-empty list of strings, found {names!r:.80}")

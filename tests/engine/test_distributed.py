@@ -467,10 +467,12 @@ def test_unequal_real_rows_per_rank_train_as_one_process(two_rank_runs, padded_d
     assert any(b - a not in (16,) for a, b in zip([0] + seen, seen)), f"no step had padding: {seen}"
     assert one[-1]["rejected_images"] == 1
     # PromptKD's loss (kd_weight 1000, lr 0.05) amplifies float32 rounding: eager 2 ranks vs 1
-    # process differ by ~5e-6 on tensors of scale ~1, the compiled step (inductor's fused, reordered
-    # arithmetic) vs eager by up to 6e-5 (seen in CI); a per-rank batch norm or padding counted in
-    # its statistics: ~1e-2.
-    rtol, atol, loss_rel = (1e-3, 2e-4, 1e-4) if compiled else (1e-4, 2e-5, 1e-5)
+    # process differ by ~5e-6 on tensors of scale ~1 with the vision prompts after ln_pre, and by up
+    # to 5.3e-5 (3 of 256 elements, CI 2026-11-30) with the published placement before it, where
+    # the prompts' gradient passes through ln_pre's normalization; the compiled step (inductor's
+    # fused, reordered arithmetic) vs eager by up to 6e-5 (seen in CI); a per-rank batch norm or
+    # padding counted in its statistics: ~1e-2.
+    rtol, atol, loss_rel = (1e-3, 2e-4, 1e-4) if compiled else (1e-3, 1e-4, 1e-5)
     _assert_same_run(tmp_path / "two", tmp_path / "one", steps=4, rtol=rtol, atol=atol, loss_rel=loss_rel)
     assert [m["rejected_images"] for m in _metrics(tmp_path / "two") if "loss/loss" in m] == \
         [m["rejected_images"] for m in one]
@@ -530,7 +532,9 @@ def test_two_nodes_of_one_process_each_equal_one_node_of_two(two_rank_runs, tmp_
     for node, (p, (out, err)) in enumerate(zip(nodes, outputs)):
         assert p.returncode == 0, f"node {node} failed ({p.returncode}):\n{out[-2000:]}\n{err[-5000:]}"
     assert "rank 0 of 2" in outputs[0][1] and "rank 1 of 2" in outputs[1][1]
-    assert "saved" not in outputs[1][1] and "best held-out" not in outputs[1][1]
+    # Rank 1 writes nothing of the run (its loader's own list cache aside, logged since the CLI configures logging).
+    rank1 = "\n".join(line for line in outputs[1][1].splitlines() if "clipdistill.loaders" not in line)
+    assert "saved" not in rank1 and "best held-out" not in rank1
     _assert_same_run(tmp_path / "nodes", two_rank_runs["out"], steps=4)
 
 

@@ -270,7 +270,7 @@ def _int32_vectors(tensors):
     (None, lambda t: t.update({"learner.prompts.ctx": t["learner.prompts.ctx"] > 0}),
      r"tensor 'learner\.prompts\.ctx' has dtype torch\.bool"),
     (lambda h: h["learner"].update(prompt_placement=["before_ln_pre"]), None,
-     r"'learner\.prompt_placement' must be one of before_ln_pre, after_ln_pre, found \['before_ln_pre'\]"),
+     r"'learner\.prompt_placement' must be one of before_ln_pre, after_ln_pre or null, found \['before_ln_pre'\]"),
     (lambda h: h["learner"].update(prompt_placement="after_ln_post"), None,
      r"'learner\.prompt_placement' must be one of .* found 'after_ln_post'"),
 ], ids=["string", "empty", "empty-name", "null-name", "duplicate", "rows", "int32-vectors", "space", "space-null",
