@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from clipdistill.engine.config.run import RunConfig
+from clipdistill.engine.datafree.student import import_timm
 from clipdistill.engine.io import read_class_names, read_templates
 from clipdistill.engine.models.clip import CHECKPOINT_SUFFIXES, check_model
 from clipdistill.engine.training.checkpoint import CheckpointError
@@ -414,10 +415,26 @@ def check_model_input(name: Optional[str], weights: Optional[str], *, name_key: 
         check_model(name, weights)
 
 
+def check_timm_input(name: str, weights: Optional[str], *, name_key: str, weights_key: str) -> None:
+    """A timm model name (the data-free student) and its weights (None or an existing .safetensors file).
+
+    Imports timm to read its registry; builds nothing.
+    """
+    timm = import_timm()
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+        raise InputError(f"{name_key}: {name!r} is not a timm model" + (f" (similar: {', '.join(near)})" if near else ""))
+    if weights is not None:
+        require_file(weights, weights_key, "timm weights file (.safetensors)")
+        if not str(weights).endswith(".safetensors"):
+            raise InputError(f"{weights_key}: {weights!r}: the data-free student reads .safetensors weights only")
+
+
 def check_run_inputs(cfg: RunConfig) -> None:
     """Everything a distillation run reads, checked before any model is built; errors name the key."""
     require_source(cfg.data.train, "data.train")
-    check_class_names(cfg.data.class_names, "data.class_names")
+    if cfg.data.class_names or cfg.method != "datafree":  # datafree: the synthetic set names its classes
+        check_class_names(cfg.data.class_names, "data.class_names")
     check_templates(cfg.data.templates, "data.templates")
     if cfg.teacher.cache:
         require_dir(cfg.teacher.cache, "teacher.cache", "teacher cache folder")
@@ -426,7 +443,14 @@ def check_run_inputs(cfg: RunConfig) -> None:
     else:
         check_model_input(cfg.teacher.name, cfg.teacher.weights, name_key="teacher.name",
                           weights_key="teacher.weights")
-    check_model_input(cfg.student.name, cfg.student.weights, name_key="student.name", weights_key="student.weights")
+    if cfg.method == "datafree":
+        check_timm_input(cfg.student.name, cfg.student.weights, name_key="student.name",
+                         weights_key="student.weights")
+    else:
+        check_model_input(cfg.student.name, cfg.student.weights, name_key="student.name",
+                          weights_key="student.weights")
+    if cfg.data.heldout:
+        require_source(cfg.data.heldout, "data.heldout")
     require_file(cfg.train.deepspeed, "train.deepspeed", "DeepSpeed config")
     require_out_dir(cfg.train.out_dir, "train.out_dir")
     if cfg.train.class_vector_cache:
@@ -439,5 +463,5 @@ __all__ = [
     "add_class_names", "add_checkpoint", "checkpoint_arg", "add_out_file", "add_out_dir", "add_device",
     "common_options", "verbosity", "configure_logging", "reporter", "named", "require_file", "require_dir",
     "require_path", "require_out_file", "require_out_dir", "require_source", "check_class_names",
-    "check_templates", "check_model_input", "check_run_inputs",
+    "check_templates", "check_model_input", "check_timm_input", "check_run_inputs",
 ]

@@ -1,5 +1,5 @@
-"""The data-free commands: ``convert-vqgan``, ``synthesize``, ``datafree-report``, ``distill-datafree``,
-``datafree-eval``.
+"""The data-free commands: ``convert-vqgan``, ``synthesize``, ``datafree-report``, and the old names
+``distill-datafree`` and ``datafree-eval``.
 
 ``register(subparsers)`` adds all five; open_clip, timm and diffusers are imported only when a
 command runs.
@@ -11,8 +11,12 @@ A typical run::
         --vqgan /models/vqgan-f16 --per-class 50 --teacher ViT-L-14 --teacher-weights openai --out-dir syn/
     clipdistill synthesize ... --seed 1 --per-class 5 --out-dir held/      # a held-out set
     clipdistill datafree-report syn/ held/ --out report/diversity.json     # + diversity.png
-    clipdistill distill-datafree --data syn/ --student resnet18 --eval-data held/ --out-dir runs/student
-    clipdistill datafree-eval --checkpoint runs/student --data held/
+    clipdistill distill --recipe datafree data.train=syn/ data.heldout=held/ --out-dir runs/student
+    clipdistill eval --domains pacs/ --checkpoint runs/student/best.safetensors
+
+``distill-datafree`` and ``datafree-eval`` are the old names of the last two steps, kept for one
+release: the first runs ``distill --recipe datafree`` with its old flags as config keys, the
+second reports a student's agreement with the teacher on a synthetic set.
 
 Without ``--teacher-weights`` the teacher is random (built from a fixed seed so that every command
 sees the same one): for smoke tests only. Nothing is ever downloaded except what open_clip
@@ -23,27 +27,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from clipdistill.engine.commands.common import (InputError, add_checkpoint, add_class_names, add_device, add_out_dir,
-                                                add_out_file, add_teacher, check_model_input, require_dir,
-                                                require_file, require_out_dir, require_out_file, require_path)
+                                                add_out_file, add_teacher, check_model_input, check_run_inputs,
+                                                reporter, require_dir, require_file, require_out_dir,
+                                                require_out_file, require_path)
+from clipdistill.engine.config.run import load_run_config
 from clipdistill.engine.datafree.convert_vqgan import convert_vqgan
 from clipdistill.engine.datafree.dataset import SyntheticImages
 from clipdistill.engine.datafree.diversify import DIVERSIFIERS
 from clipdistill.engine.datafree.generators import (CUTOUT_AUGMENTS, DEFAULT_AUGMENT, DEFAULT_GENERATOR, GENERATORS,
                                                     VQGAN_WEIGHTS_NEEDED)
 from clipdistill.engine.datafree.report import diversity_report
-from clipdistill.engine.datafree.student import DataFreeStudent, agreement, distill, load_student, save_student
-from clipdistill.engine.datafree.synthesize import SynthesisPlan, load_teacher, synthesize
+from clipdistill.engine.datafree.synthesize import IMAGES_DIR, SynthesisPlan, load_teacher, synthesize
+from clipdistill.engine.evaluation.evaluate import LoaderSettings, run_evaluation
 from clipdistill.engine.io import read_class_names, resolve_device
-from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import get_tokenizer
 from clipdistill.engine.progress import progress_enabled
-from clipdistill.engine.templates import templates_for
+from clipdistill.engine.training.checkpoint import latest_checkpoint
+from clipdistill.engine.training.trainer import distill as run_distillation
 
 
 def _add_teacher_arguments(parser: argparse.ArgumentParser, default: Optional[str]) -> None:
@@ -125,34 +130,47 @@ def register(subparsers) -> None:
 
     train = subparsers.add_parser(
         "distill-datafree",
-        help="data-free: distill the teacher into a small timm student on a synthetic set",
+        help="data-free: (old name, kept for one release) clipdistill distill --recipe datafree with these flags",
+        description="The flags of the old data-free loop, run as clipdistill distill --recipe datafree (the "
+                    "engine's trainer: checkpoints, exact --resume, metrics, held-out selection). Each flag "
+                    "becomes a config key: --data data.train, --eval-data data.heldout, --student student.name, "
+                    "--student-weights student.weights, --image-size learner.options.image_size, --templates "
+                    "data.templates, --epochs train.epochs, --batch-size data.batch_size, --lr optim.lr, "
+                    "--weight-decay optim.weight_decay, --temperature loss.temperature, --feature-weight "
+                    "loss.feature_weight, --workers data.workers, --seed train.seed, --device train.device.",
     )
     train.add_argument("--data", required=True, help="a synthetic set made by clipdistill synthesize")
-    add_out_dir(train, help="checkpoint folder")
-    train.add_argument("--student", default="resnet18", help="timm model name (built with pretrained=False)")
-    train.add_argument("--student-weights", default=None, help="local .safetensors weights for the timm backbone")
-    train.add_argument("--image-size", type=int, default=224, help="student input side")
-    train.add_argument("--templates", default="generic", help="dataset whose templates make the class vectors")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=0.05)
-    train.add_argument("--temperature", type=float, default=1.0)
-    train.add_argument("--feature-weight", type=float, default=0.0, help="weight of the feature-alignment term")
-    train.add_argument("--eval-data", default=None, help="a held-out synthetic set: report agreement on it")
-    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--seed", type=int, default=0)
+    add_out_dir(train, help="the run's folder (train.out_dir)")
+    for flag, (key, kind) in ALIAS_FLAGS.items():
+        if flag not in ("--data", "--out-dir", "--teacher", "--teacher-weights", "--device"):
+            train.add_argument(flag, type=kind, default=None, help=f"sets {key} (default: the datafree recipe's)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     _add_teacher_arguments(train, None)
     train.set_defaults(func=run_distill)
 
     evaluate = subparsers.add_parser(
-        "datafree-eval", help="data-free: top-1 agreement of a distilled student with the teacher"
+        "datafree-eval",
+        help="data-free: (old name, kept for one release) agreement of a distilled student with its teacher on a "
+             "synthetic set; clipdistill eval --checkpoint CKPT --unlabeled SET does the same",
     )
-    add_checkpoint(evaluate, help="checkpoint file or folder (distill-datafree --out-dir)")
+    add_checkpoint(evaluate, help="a data-free run's checkpoint or best.safetensors, a run folder, or an export file")
     evaluate.add_argument("--data", required=True, help="a synthetic set (held out from training)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     _add_teacher_arguments(evaluate, None)
     evaluate.set_defaults(func=run_eval)
+
+
+# distill-datafree's flags and the config keys they set (its old loop's flags, now the recipe's keys).
+ALIAS_FLAGS = {
+    "--data": ("data.train", str), "--out-dir": ("train.out_dir", str), "--eval-data": ("data.heldout", str),
+    "--student": ("student.name", str), "--student-weights": ("student.weights", str),
+    "--image-size": ("learner.options.image_size", int), "--templates": ("data.templates", str),
+    "--epochs": ("train.epochs", int), "--batch-size": ("data.batch_size", int), "--lr": ("optim.lr", float),
+    "--weight-decay": ("optim.weight_decay", float), "--temperature": ("loss.temperature", float),
+    "--feature-weight": ("loss.feature_weight", float), "--workers": ("data.workers", int),
+    "--seed": ("train.seed", int), "--teacher": ("teacher.name", str), "--teacher-weights": ("teacher.weights", str),
+    "--device": ("train.device", str),
+}
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
@@ -215,52 +233,51 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def alias_overrides(args: argparse.Namespace) -> list[str]:
+    """distill-datafree's flags as ``key=value`` overrides of the datafree recipe (a flag not given sets nothing)."""
+    overrides = []
+    for flag, (key, _) in ALIAS_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")  # JSON is YAML: a path stays text, a number a number
+    if args.resume:
+        overrides.append("train.resume=true")
+    return overrides
+
+
 def run_distill(args: argparse.Namespace) -> int:
-    _require_set(args.data, "--data")
+    log = reporter("distill-datafree")
+    _require_set(args.data, "--data")  # named by the flags this command was given
     if args.eval_data:
         _require_set(args.eval_data, "--eval-data")
     require_file(args.student_weights, "--student-weights", "weights file")
     _check_teacher(args)
-    require_out_dir(args.out_dir)
-    torch.manual_seed(args.seed)
-    device = _device(args.device)
-    dataset = SyntheticImages(args.data)
-    teacher, name, weights = _teacher_for(dataset.plan, args.teacher, args.teacher_weights, device)
-    class_vectors = teacher_class_vectors(
-        teacher, get_tokenizer(name), dataset.class_names, templates_for(args.templates),
-        model_name=name, weights=weights, device=device,
-    )
-    student = DataFreeStudent(
-        args.student, class_vectors, image_size=args.image_size, logit_scale=float(teacher.logit_scale),
-        backbone_weights=args.student_weights,
-    ).to(device)
-    history = distill(
-        student, teacher, dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, temperature=args.temperature, feature_weight=args.feature_weight,
-        seed=args.seed, workers=args.workers, progress=progress_enabled(),
-    )
-    summary = {"steps": len(history), "first": history[0] if history else None, "last": history[-1] if history else None}
-    if args.eval_data:
-        summary["eval"] = agreement(student, teacher, SyntheticImages(args.eval_data), batch_size=args.batch_size)
-    path = save_student(args.out_dir, student, step=len(history), extra={
-        "teacher": name, "teacher_weights": weights, "data": str(args.data), "summary": summary})
-    summary["checkpoint"] = str(path)
-    print(json.dumps(summary))
+    cfg = load_run_config(None, alias_overrides(args), recipe="datafree")
+    check_run_inputs(cfg)
+    log("clipdistill distill-datafree: an old name, kept for one release: this runs clipdistill distill --recipe "
+        "datafree " + " ".join(shlex.quote(o) for o in alias_overrides(args)))
+    print(json.dumps(run_distillation(cfg, log=log)))
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    require_path(args.checkpoint, "--checkpoint", "checkpoint file or folder")
+    require_path(args.checkpoint, "--checkpoint", "checkpoint, run folder or export file")
     _require_set(args.data, "--data")
+    SyntheticImages(args.data)  # a synthetic set: its plan reads
     _check_teacher(args)
-    device = _device(args.device)
-    dataset = SyntheticImages(args.data)
-    teacher, _, _ = _teacher_for(dataset.plan, args.teacher, args.teacher_weights, device)
-    student = load_student(args.checkpoint, device=device)
-    if student.class_vectors.shape[0] != len(dataset.class_names):
-        raise InputError(
-            f"the student knows {student.class_vectors.shape[0]} classes, the set has "
-            f"{len(dataset.class_names)}; evaluate on a set made for the same classes"
-        )
-    print(json.dumps(agreement(student, teacher, dataset, batch_size=args.batch_size)))
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():  # a run folder: its best (held-out) student, else its newest checkpoint
+        best = checkpoint / "best.safetensors"
+        found = best if best.is_file() else latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
+        if found is None:
+            raise InputError(f"--checkpoint {args.checkpoint}: no checkpoint in that folder")
+        checkpoint = found
+    teacher = {k: v for k, v in (("name", args.teacher), ("weights", args.teacher_weights)) if v is not None} or None
+    report = run_evaluation(
+        [], distilled=str(checkpoint), teacher=teacher, student=None, use_teacher=True, base_to_novel=False,
+        unlabeled=str(Path(args.data) / IMAGES_DIR), unlabeled_class_names=None,
+        settings=LoaderSettings(args.batch_size, "torch", resolve_device(args.device, what="--device"), None, None),
+        log=reporter("datafree-eval"),
+    )
+    print(json.dumps(report["unlabeled"]))
     return 0

@@ -57,13 +57,14 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML run config (may name its recipe with 'recipe:')")
     parser.add_argument("--recipe", default=None, choices=RECIPES,
                         help="shipped recipe: kdpl (KDPL, any learner), kdpl-ca (KDPL without class names, over "
-                             "a 20k-concept vocabulary) or promptkd (PromptKD)")
+                             "a 20k-concept vocabulary), promptkd / promptkd-xd (PromptKD) or datafree (a timm "
+                             "student on a synthetic set from clipdistill synthesize)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "distill", help="distill a teacher into a prompt-tuned student (KDPL, KDPL-CA, PromptKD)",
+        "distill", help="distill a teacher into a prompt-tuned student (KDPL, KDPL-CA, PromptKD) or a data-free one",
         description="Distill a frozen CLIP teacher into a student's prompts on unlabeled images. "
                     "Settings: a shipped recipe, a YAML file and key=value overrides (e.g. optim.lr=0.01). "
                     "Recipes: " + ", ".join(RECIPES) + ".",

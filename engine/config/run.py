@@ -22,12 +22,15 @@ from typing import Any, ClassVar, Literal, Optional, Sequence
 
 from clipdistill.engine.config.schema import (ConfigError, _coerce, apply_overrides, deep_merge, from_dict, load_yaml,
                                               to_dict)
+from clipdistill.engine.datafree.student import KIND as DATAFREE_KIND
+from clipdistill.engine.datafree.student import TimmStudent
 from clipdistill.engine.prompts.registry import LEARNERS
 
-RECIPES = ("kdpl", "kdpl-ca", "promptkd", "promptkd-xd")
-LEARNER_KINDS = ("coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc", "promptkd")
+RECIPES = ("kdpl", "kdpl-ca", "promptkd", "promptkd-xd", "datafree")
+LEARNER_KINDS = ("coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc", "promptkd", DATAFREE_KIND)
 # Constructor arguments the builder supplies itself (never user options).
-_BUILDER_ARGS = {"self", "clip", "tokenizer", "class_names", "teacher_dim", "templates", "prompt_placement"}
+_BUILDER_ARGS = {"self", "clip", "tokenizer", "class_names", "teacher_dim", "templates", "prompt_placement",
+                 "backbone", "logit_scale"}
 # A recipe's own keys that are not run settings: read by load_run_config, never part of a RunConfig.
 # ``extends``: another shipped recipe this one starts from; ``learner_presets``: per learner kind, the
 # settings its paper published (applied under the user's own settings); ``dataset_presets``: per
@@ -63,7 +66,8 @@ class TeacherConfig(ModelConfig):
 class LearnerConfig:
     """Which prompt learner the student gets, and its constructor options."""
 
-    kind: Literal["coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc", "promptkd"] = "coop"
+    # timm: the data-free recipe's student, a timm network (student.name) trained whole, not a prompt learner
+    kind: Literal["coop", "cocoop", "vpt", "maple", "ivlp", "promptsrc", "promptkd", "timm"] = "coop"
     options: dict[str, Any] = field(default_factory=dict)
     # Where vision prompts (VPT, MaPLe, IVLP/PromptSRC, PromptKD's student) join the image tokens:
     # before the vision tower's ln_pre, as the published code does, or after it (this engine's
@@ -98,6 +102,8 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     precheck: bool = True
     holdout_fraction: float = 0.0  # unlabeled images held out for model selection (never trained on)
+    # A separate held-out image source for model selection (e.g. a second synthetic set), instead of a fraction
+    heldout: Optional[str] = None
     # Few-shot distillation: ``shots`` images per class drawn (seeded by shot_seed) from data.train, a
     # folder with one subfolder of images per class (the labels are never used, only the layout).
     shots: Optional[int] = None
@@ -120,6 +126,8 @@ class LossConfig:
     kd_weight: float = 1.0
     promptsrc_weights: Optional[dict[str, float]] = None
     top_k: Optional[int] = None  # class-agnostic KDPL: distill on the teacher's top K vocabulary names per batch
+    # data-free: weight of mean(1 - cos(student, teacher image feature)) added to the KL (0: none)
+    feature_weight: float = 0.0
     backend: Literal["auto", "triton", "torch"] = "auto"
 
 
@@ -165,7 +173,7 @@ class RunConfig:
     # None (a config built otherwise): unknown, every key counts as set.
     explicit_keys: ClassVar[Optional[frozenset]] = None
 
-    method: Literal["kdpl", "promptkd"]
+    method: Literal["kdpl", "promptkd", "datafree"]
     teacher: TeacherConfig
     student: ModelConfig
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -177,8 +185,21 @@ class RunConfig:
     def validate(self) -> None:
         if self.method == "promptkd" and self.learner.kind != "promptkd":
             raise ConfigError(f"method 'promptkd' needs learner.kind=promptkd, got {self.learner.kind!r}")
-        if self.method == "kdpl" and self.learner.kind == "promptkd":
+        if self.method == "kdpl" and self.learner.kind in ("promptkd", DATAFREE_KIND):
             raise ConfigError("method 'kdpl' takes learner.kind coop, cocoop, vpt, maple, ivlp or promptsrc")
+        if (self.method == "datafree") != (self.learner.kind == DATAFREE_KIND):
+            raise ConfigError(f"method 'datafree' and learner.kind={DATAFREE_KIND} go together (a timm student "
+                              f"named by student.name), got method {self.method!r} with learner.kind "
+                              f"{self.learner.kind!r}")
+        if self.loss.feature_weight < 0 or (self.loss.feature_weight and self.method != "datafree"):
+            raise ConfigError(f"loss.feature_weight must be >= 0 and belongs to method 'datafree', got "
+                              f"{self.loss.feature_weight} with method {self.method!r}")
+        if self.data.heldout and self.data.holdout_fraction > 0:
+            raise ConfigError("data.heldout (a held-out source) and data.holdout_fraction (a share of data.train) "
+                              "both set: choose one")
+        if self.data.heldout and self.teacher.cache:
+            raise ConfigError("data.heldout needs the live teacher (held-out images are not in the teacher "
+                              "cache); unset teacher.cache or data.heldout")
         positive = {"data.batch_size": self.data.batch_size, "train.epochs": self.train.epochs,
                     "train.log_every": self.train.log_every, "train.checkpoint_every": self.train.checkpoint_every,
                     "train.keep_last": self.train.keep_last, "optim.grad_accum": self.optim.grad_accum}
@@ -227,8 +248,10 @@ class RunConfig:
 
 
 def learner_class(kind: str) -> type:
+    if kind == DATAFREE_KIND:
+        return TimmStudent
     if kind not in LEARNERS:
-        raise ConfigError(f"learner.kind {kind!r} is unknown; choose from {sorted(LEARNERS)}")
+        raise ConfigError(f"learner.kind {kind!r} is unknown; choose from {sorted([*LEARNERS, DATAFREE_KIND])}")
     return LEARNERS[kind]
 
 

@@ -1,242 +1,172 @@
-r"""A lightweight, non-CLIP student distilled from the teacher on a synthetic set.
+r"""The data-free student: a small timm image network distilled from the teacher on a synthetic set.
 
-The student is a small image network from timm (ResNet-18, a MobileNet, ...; built with
-``pretrained=False``, or from a local weights file) whose pooled features go through a linear head
-into the teacher's joint embedding space (D). Its logits are cosine similarities to the teacher's
-class vectors (C, D), which stay fixed buffers: at deployment it classifies the classes it was
-distilled for with no text encoder, and new class vectors from the teacher can be swapped in.
+The student is a timm backbone (ResNet-18, a MobileNet, ...; built with ``pretrained=False``, then
+optionally initialized from a local weights file) whose pooled features go through a linear head
+into the teacher's joint embedding space (D_t). Its logits are cosine similarities to the teacher's
+class vectors (C, D_t), scaled by the teacher's logit scale: at deployment it classifies with no text
+encoder, and the teacher's vectors for other class names can be swapped in.
 
-Loss, per batch of synthetic images (teacher and student see the same augmented view, each resized
-to its own input side and normalized with its own mean/std):
+It is trained by the engine's own loop (``clipdistill distill --recipe datafree``): to the trainer,
+the distillation step, export and evaluation it is a learner like PromptKD's student, one that
+"scores against the teacher" (:attr:`TimmStudent.scores_against_teacher`): :meth:`project` gives
+its normalized features in the teacher's space, and the fused ``kd_loss`` takes them with the
+teacher's class vectors. Unlike a prompt learner nothing in it is frozen: every parameter trains,
+and :meth:`state_to_save` is the whole network (backbone, head and batch-norm statistics) plus the
+logit scale it scores with.
 
-    kd      = KL(p_t || p_s) over the C classes, p = softmax(scale * cos(feature, class vectors) / T),
-              batch mean, T^2 factor; ``kd_loss(..., forward_weight=1, reverse_weight=0)``
-    feature = mean_i (1 - cos(student_i, teacher_i))   (optional, weight ``feature_weight``)
-
-*Choices where the paper is silent (its student architectures and losses were not retrievable):*
-the forward KL on the teacher's logits over the class vectors (the data-free setting has no labels
-to mix in); both distributions use the teacher's logit scale; the optional feature term aligns the
-head's output with the teacher's image embedding, which can help the student on classes or prompts
-beyond the distilled ones; AdamW with a cosine schedule, random resized crops (scale 0.5-1) and
-flips of the synthetic images.
-
-Evaluation (:func:`agreement`): top-1 agreement of the student with the teacher, the mean
-KL(teacher || student), and each one's agreement with the class an image was synthesized for, on a
-held-out synthetic set. Checkpoints
-are written with :func:`clipdistill.engine.checkpoint.save_checkpoint` (safetensors + JSON, no
-pickle) and read back with :func:`load_student`.
+Loss (recipe ``datafree``, :class:`~clipdistill.engine.distill.step.DistillStep`): KL(p_t || p_s) over
+the C classes with temperature T and T², batchmean; optionally ``loss.feature_weight`` times
+mean(1 - cos(student, teacher image feature)). *Choices where the paper is silent* (its losses and
+student architectures were not retrievable): the forward KL on the teacher's logits over the class
+vectors (no labels to mix in), both sides at the teacher's logit scale, the optional feature term,
+AdamW with a cosine schedule, random resized crops (scale 0.5-1) and flips of the synthetic images.
 """
 from __future__ import annotations
 
-import logging
-import math
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from clipdistill.engine.datafree.generators import resize_to, teacher_image_features, teacher_input_spec
-from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally
+from clipdistill.engine.io import image_spec
 from clipdistill.engine.models.clip import import_open_clip
-from clipdistill.engine.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                                                    save_checkpoint)
-from clipdistill.engine.training.loop import OptimizerCore, make_optimizer
-from clipdistill.kernels.kd_loss import kd_loss
+from clipdistill.engine.prompts.learners import LearnerOutput, scaled_logits
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT_KIND = "clipdistill-datafree-student/1"
+KIND = "timm"  # learner.kind of the data-free student
 
 
-def _import_timm():
+def import_timm():
     import_open_clip()  # timm imports torchvision: apply the CPU-only measure first
     import timm
 
     return timm
 
 
-class DataFreeStudent(nn.Module):
-    """A timm backbone, a linear head into the teacher's space and fixed class vectors.
+def build_timm_backbone(name: str, weights: Optional[str] = None) -> nn.Module:
+    """A timm image network without its classifier (``num_classes=0``: pooled features out).
 
-    ``forward(images (B, 3, H, W) in [0, 1])`` -> features (B, D), unnormalized;
-    :meth:`logits` -> (B, C) scaled cosine similarities to the class vectors.
+    ``weights``: a local ``.safetensors`` file of that network's tensors (a classifier in it is
+    ignored), or None for a random init. Nothing is downloaded.
+    """
+    timm = import_timm()
+    try:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise ValueError(f"student.name {name!r} is not a timm model ({exc})") from exc
+    if weights is not None:
+        state = load_file(weights)
+        missing, _ = backbone.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"student.weights {weights!r} does not fit timm {name!r}: missing {missing[:5]}")
+    return backbone
+
+
+def timm_image_spec(backbone: nn.Module, image_size: Optional[int] = None) -> tuple[int, tuple, tuple]:
+    """(side, mean, std) of a timm network's input: its pretrained config's, ``image_size`` overriding the side."""
+    config = import_timm().data.resolve_data_config({}, model=backbone)
+    side = int(image_size) if image_size is not None else int(config["input_size"][-1])
+    return side, tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+
+
+class TimmStudent(nn.Module):
+    """A timm backbone and a linear head into the teacher's space; every parameter trains.
+
+    Args:
+        backbone: a timm network built with ``num_classes=0`` (:func:`build_timm_backbone`).
+        teacher_dim: D_t, the teacher's embedding size (the head's output).
+        image_size: the student's input side (default: the network's own, e.g. 224).
+        logit_scale: the scale of its cosine logits; the builder sets the teacher's (a buffer,
+            saved with the state, so an exported student scores as it was trained).
+
+    ``project(images (B, 3, S, S) normalized with :attr:`image_mean`/:attr:`image_std`)`` ->
+    (B, D_t) normalized features; ``forward(images, class_vectors (C, D_t))`` -> logits (B, C).
     """
 
-    def __init__(
-        self,
-        backbone: str,
-        class_vectors: torch.Tensor,
-        *,
-        image_size: int = 224,
-        logit_scale: float = 100.0,
-        backbone_weights: Optional[str] = None,
-    ):
+    class_vectors_per_image = False
+    scores_against_teacher = True
+    regularizers: tuple[str, ...] = ()
+    needs_logits = False
+
+    def __init__(self, backbone: nn.Module, teacher_dim: int, image_size: Optional[int] = None,
+                 logit_scale: float = 100.0):
         super().__init__()
-        timm = _import_timm()
-        self.backbone_name = backbone
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
-        if backbone_weights is not None:
-            missing, unexpected = self.backbone.load_state_dict(load_file(backbone_weights), strict=False)
-            if missing:
-                raise RuntimeError(f"{backbone_weights} does not fit timm {backbone!r}: missing {missing[:5]}")
-        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
-        embed_dim = class_vectors.shape[1]
-        self.head = nn.Linear(width, embed_dim)
-        self.register_buffer("class_vectors", F.normalize(class_vectors.detach().float(), dim=-1).clone())
-        data_config = timm.data.resolve_data_config({}, model=self.backbone)
-        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
-        self.image_size = int(image_size)
-        self.logit_scale = float(logit_scale)
+        self.backbone = backbone
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.head = nn.Linear(int(width), int(teacher_dim))
+        self.register_buffer("scale", torch.tensor(float(logit_scale)))
+        self.image_size, self.image_mean, self.image_std = timm_image_spec(backbone, image_size)
+        self.backbone_name = getattr(backbone, "default_cfg", {}).get("architecture") or type(backbone).__name__
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (resize_to(images, self.image_size) - self.mean) / self.std
-        return self.head(self.backbone(x))
+    # -- what trains and what is saved: everything ----------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_parameters())
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.forward(images), dim=-1)
-        return self.logit_scale * features @ self.class_vectors.t()
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
-    def config(self) -> dict:
-        return {"backbone": self.backbone_name, "image_size": self.image_size, "logit_scale": self.logit_scale,
-                "n_classes": int(self.class_vectors.shape[0]), "embed_dim": int(self.class_vectors.shape[1])}
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected, got = set(self.state_dict()), set(state)
+        if expected != got:
+            raise KeyError(f"saved state does not fit the data-free student ({self.backbone_name}): missing "
+                           f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}")
+        self.load_state_dict(dict(state), strict=True)
 
+    # -- features ---------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.scale.detach()
 
-def random_views(images: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
-    """Per-image random resized square crops (area fraction in ``scale``) and flips, same size out."""
-    _, _, height, width = images.shape
-    out = []
-    for image in images:
-        u = torch.rand(4, generator=generator).tolist()
-        side = max(1, int(round(math.sqrt(scale[0] + (scale[1] - scale[0]) * u[0]) * min(height, width))))
-        top, left = int((height - side) * u[1]), int((width - side) * u[2])
-        view = image[None, :, top : top + side, left : left + side]
-        view = F.interpolate(view, size=(height, width), mode="bilinear", align_corners=False)
-        out.append(view.flip(-1) if u[3] < 0.5 else view)
-    return torch.cat(out).clamp(0, 1)
+    def image_spec(self) -> tuple[int, tuple, tuple]:
+        return self.image_size, self.image_mean, self.image_std
 
+    @property
+    def output_dim(self) -> int:
+        return int(self.head.out_features)
 
-def distill_losses(
-    student: DataFreeStudent,
-    teacher,
-    images: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    feature_weight: float = 0.0,
-) -> dict[str, torch.Tensor]:
-    """Named loss parts for one batch of [0, 1] images (B, 3, H, W); the engine sums them."""
-    side, _, _ = teacher_input_spec(teacher)
-    with torch.no_grad():
-        teacher_features = teacher_image_features(teacher, resize_to(images, side))
-    student_features = student(images)
-    scale = float(teacher.logit_scale)
-    parts = {
-        "kd": kd_loss(
-            student_features, teacher_features, student.class_vectors, logit_scale=scale,
-            teacher_logit_scale=scale, temperature=temperature, forward_weight=1.0, reverse_weight=0.0,
-            reduction="batchmean", temperature_squared=True,
-        )
-    }
-    if feature_weight > 0:
-        cosine = F.cosine_similarity(student_features.float(), teacher_features, dim=-1)
-        parts["feature"] = feature_weight * (1.0 - cosine).mean()
-    return parts
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, width) pooled backbone features."""
+        return self.backbone(images)
+
+    def project(self, images: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D_t) normalized features in the teacher's space.
+
+        ``row_mask`` (B,) bool, the real rows: in training, only they pass through the backbone
+        (its batch norm takes statistics of real images only); padding rows get zero features,
+        and their loss weight is 0. Given only for a batch with padding (the end of an epoch).
+        """
+        if row_mask is not None and self.training and bool(row_mask.any()) and not bool(row_mask.all()):
+            rows = row_mask.nonzero().squeeze(1)
+            real = self.head(self.encode_image(images.index_select(0, rows)).float())
+            features = real.new_zeros(images.shape[0], real.shape[1]).index_copy(0, rows, real)
+            return F.normalize(features, dim=-1)
+        return F.normalize(self.head(self.encode_image(images).float()), dim=-1)
+
+    def forward(self, images: torch.Tensor, class_vectors: torch.Tensor) -> LearnerOutput:
+        image_features = self.project(images)
+        class_vectors = class_vectors.to(image_features.dtype)
+        return LearnerOutput(logits=scaled_logits(image_features, class_vectors, self.logit_scale),
+                             image_features=image_features, class_features=class_vectors)
 
 
-def distill(
-    student: DataFreeStudent,
-    teacher,
-    dataset,
-    *,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    temperature: float = 1.0,
-    feature_weight: float = 0.0,
-    seed: int = 0,
-    workers: int = 0,
-    progress: bool = True,
-) -> list[dict[str, float]]:
-    """Train ``student`` on ``dataset`` (a :class:`SyntheticImages`); returns per-step loss parts."""
-    device = student.class_vectors.device
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
-        num_workers=workers, generator=torch.Generator().manual_seed(seed),
-    )
-    total = max(1, epochs * len(loader))
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    core = OptimizerCore(make_optimizer(trainable, name="adamw", lr=lr, weight_decay=weight_decay), trainable,
-                         base_lr=lr, total_steps=total, schedule="cosine")
-    views = torch.Generator().manual_seed(seed + 1)
-    history = []
-    student.train()
-    teacher.eval()
-    with tqdm(total=total, disable=not progress, desc="distill-datafree", unit="step") as bar:
-        for _ in range(epochs):
-            for images, _labels in loader:
-                images = random_views(images, views).to(device)
-                parts = distill_losses(student, teacher, images, temperature=temperature, feature_weight=feature_weight)
-                loss = sum(parts.values())
-                core.backward(loss)
-                record = {k: float(v.detach()) for k, v in parts.items()}
-                history.append(record)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                bar.update(1)
-    student.eval()
-    return history
+def student_image_spec(learner: nn.Module) -> tuple[int, tuple, tuple]:
+    """(side, mean, std) of any student's input: the data-free student's own, a prompt learner's CLIP's."""
+    if isinstance(learner, TimmStudent):
+        return learner.image_spec()
+    size, mean, std = image_spec(learner.clip)
+    return size, tuple(mean), tuple(std)
 
 
-@torch.no_grad()
-def agreement(student: DataFreeStudent, teacher, dataset, *, batch_size: int = 64) -> dict:
-    """How closely the student follows the teacher on ``dataset`` (a :class:`SyntheticImages`).
-
-    The engine's one tally (:mod:`clipdistill.engine.distill.metrics`): ``agreement`` (percent of
-    images where both pick the same class), ``kl`` (mean KL(p_t || p_s) in nats per image, both at
-    the student's logit scale: what distillation minimizes, and a finer measure than top-1 when the
-    teacher's distribution is flat), ``images``, and each one's ``..._prompt_class_top1`` (percent
-    top-1 against the class the image was synthesized for).
-    """
-    side, _, _ = teacher_input_spec(teacher)
-    device = student.class_vectors.device
-    student.eval()
-    tally = AgreementTally()
-    prompt_class = {"teacher": TopOneTally(student.class_vectors.shape[0]),
-                    "student": TopOneTally(student.class_vectors.shape[0])}
-    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images, labels = images.to(device), labels.to(device)
-        teacher_features = teacher_image_features(teacher, resize_to(images, side))
-        teacher_logits = student.logit_scale * teacher_features @ student.class_vectors.t()
-        student_logits = student.logits(images).float()
-        tally.update(teacher_logits, student_logits)
-        prompt_class["teacher"].update(teacher_logits, labels)
-        prompt_class["student"].update(student_logits, labels)
-    return {**tally.result(), **{f"{who}_prompt_class_top1": t.result()["top1"] for who, t in prompt_class.items()}}
+def module_device(module: nn.Module) -> torch.device:
+    """Where a student's tensors live (its first parameter or buffer)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
-def save_student(folder: Union[str, Path], student: DataFreeStudent, *, step: int, extra: Optional[dict] = None) -> Path:
-    state = {"kind": CHECKPOINT_KIND, "config": student.config(), "model": student.state_dict(), "extra": extra or {}}
-    return save_checkpoint(folder, step, state, keep_last=1)
-
-
-def load_student(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> DataFreeStudent:
-    """Rebuild a student from a checkpoint file, or from the latest checkpoint in a folder."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {path}")
-        path = found
-    state = load_checkpoint(path)
-    if state.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path} is not a data-free student checkpoint (kind {state.get('kind')!r})")
-    config = state["config"]
-    student = DataFreeStudent(
-        config["backbone"], state["model"]["class_vectors"], image_size=config["image_size"], logit_scale=config["logit_scale"]
-    )
-    student.load_state_dict(state["model"])
-    return student.to(device).eval()
+def build_datafree_student(name: str, weights: Optional[str], teacher_dim: int, *, logit_scale: float = 100.0,
+                           image_size: Optional[int] = None) -> TimmStudent:
+    """The data-free student from plain arguments (the builder's, export's and evaluation's one way)."""
+    return TimmStudent(build_timm_backbone(name, weights), teacher_dim, image_size=image_size,
+                       logit_scale=logit_scale)

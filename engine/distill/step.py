@@ -30,6 +30,11 @@ Recipes (see ../shared/PAPERS.md):
 - ``"promptkd"``: the student's projected features (B, D_t) against the
   teacher's stored class vectors, shared by both; forward KL(p_t‖p_s) with
   temperature T, T², "mean" reduction (sum / (B·C)), times ``kd_weight``.
+- ``"datafree"``: the same shared-class-vector path for the data-free timm
+  student (:mod:`clipdistill.engine.datafree.student`, its logit scale the
+  teacher's): forward KL(p_t‖p_s), temperature T, T², batchmean; with
+  ``feature_weight`` > 0 also that weight times the (row-weighted) mean of
+  1 - cos(student feature, teacher image feature).
 
 The teacher runs under no_grad; the only tensors that receive gradients are
 the learner's :meth:`trainable_parameters`. Logit scales are read once at
@@ -47,7 +52,9 @@ from torch import nn
 from clipdistill.engine.prompts.learners import BACKBONE_PREFIX, PROMPTSRC_LOSS_WEIGHTS, PromptLearner
 from clipdistill.kernels import kd_loss, kl_rows_reference
 
-Recipe = Literal["kdpl", "promptkd"]
+Recipe = Literal["kdpl", "promptkd", "datafree"]
+# Recipes whose student scores images against the teacher's class vectors (no class vectors of its own).
+TEACHER_SPACE_RECIPES = ("promptkd", "datafree")
 
 
 def symmetric_kl_from_logits(
@@ -94,6 +101,7 @@ class DistillStep(nn.Module):
         loss_backend: kd_loss's backend ("auto", "triton", "torch").
         top_k: class-agnostic KDPL: distill each batch on the teacher's top K of the
             ``teacher_class_vectors`` vocabulary (see the module docstring).
+        feature_weight: ``"datafree"``: weight of the feature-alignment part (0: none).
     """
 
     def __init__(
@@ -112,15 +120,18 @@ class DistillStep(nn.Module):
         promptsrc_weights: Optional[Mapping[str, float]] = None,
         loss_backend: str = "auto",
         top_k: Optional[int] = None,
+        feature_weight: float = 0.0,
     ):
         super().__init__()
-        if recipe not in ("kdpl", "promptkd"):
-            raise ValueError(f"recipe must be 'kdpl' or 'promptkd', got {recipe!r}")
+        if recipe not in ("kdpl", "promptkd", "datafree"):
+            raise ValueError(f"recipe must be 'kdpl', 'promptkd' or 'datafree', got {recipe!r}")
         if teacher_class_vectors.dim() != 2:
             raise ValueError(f"teacher_class_vectors must be (C, D_t), got shape {tuple(teacher_class_vectors.shape)}")
-        if recipe == "promptkd" and not student.scores_against_teacher:
-            raise ValueError(f"recipe 'promptkd' needs a PromptKDStudent learner (one scored against the "
-                             f"teacher's class vectors), got {type(student).__name__}")
+        if recipe in TEACHER_SPACE_RECIPES and not student.scores_against_teacher:
+            raise ValueError(f"recipe {recipe!r} needs a student scored against the teacher's class vectors "
+                             f"(PromptKDStudent, the data-free TimmStudent), got {type(student).__name__}")
+        if feature_weight and recipe != "datafree":
+            raise ValueError(f"feature_weight belongs to the 'datafree' recipe, not {recipe!r}")
         if recipe == "kdpl" and student.scores_against_teacher:
             raise ValueError(f"recipe 'kdpl' needs a learner with its own class vectors, not {type(student).__name__}")
         if top_k is not None:
@@ -140,7 +151,10 @@ class DistillStep(nn.Module):
                          temperature_squared=False),
             "promptkd": dict(temperature=1.0, forward_weight=1.0, reverse_weight=0.0, reduction="mean",
                              temperature_squared=True),
+            "datafree": dict(temperature=1.0, forward_weight=1.0, reverse_weight=0.0, reduction="batchmean",
+                             temperature_squared=True),
         }[recipe]
+        self.feature_weight = float(feature_weight)
         given = dict(temperature=temperature, forward_weight=forward_weight, reverse_weight=reverse_weight,
                      reduction=reduction, temperature_squared=temperature_squared)
         self.loss_options = {k: (published[k] if v is None else v) for k, v in given.items()}
@@ -275,7 +289,7 @@ class DistillStep(nn.Module):
             teacher_vectors = teacher_vectors.index_select(0, class_indices)
             self.last_selection = class_indices
         parts: dict[str, torch.Tensor] = {}
-        if self.recipe == "promptkd":
+        if self.recipe in TEACHER_SPACE_RECIPES:
             student_features = self.student.project(student_images, row_mask)
             parts["kd"] = self.kd_weight * kd_loss(
                 student_features, teacher_features.to(student_features.dtype),
@@ -283,6 +297,13 @@ class DistillStep(nn.Module):
                 logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
                 row_weights=row_weights, backend=self.loss_backend, **opts,
             )
+            if self.feature_weight:
+                distance = 1.0 - F.cosine_similarity(student_features.float(), teacher_features.float(), dim=-1)
+                if row_weights is None:
+                    parts["feature"] = self.feature_weight * distance.mean()
+                else:
+                    w = row_weights.to(distance.dtype)
+                    parts["feature"] = self.feature_weight * (w * distance).sum() / w.sum().clamp_min(1e-12)
         elif self.student.needs_logits:
             output = self.student(student_images, class_indices)
             teacher_logits = self.student_logit_scale * (

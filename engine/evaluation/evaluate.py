@@ -52,8 +52,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipdistill.engine.datafree.student import KIND as DATAFREE_KIND
+from clipdistill.engine.datafree.student import module_device, timm_image_spec
+from clipdistill.engine.datafree.synthesize import load_teacher
 from clipdistill.engine.distill.metrics import AgreementTally, TopOneTally, base_novel_split
-from clipdistill.engine.evaluation.export import (ExportError, StudentClassifier, build_backbone,
+from clipdistill.engine.distill.step import TEACHER_SPACE_RECIPES
+from clipdistill.engine.evaluation.export import (TEACHER_SPACE_KINDS, ExportError, StudentClassifier, build_backbone,
                                                   distilled_teacher_vectors, fresh_samples,
                                                   load_distilled_from_teacher, read_distilled, rebuild_learner,
                                                   student_class_vectors, teacher_class_vectors_for, versions)
@@ -363,7 +367,7 @@ def heldout_agreement_kl(
         ``{"agreement": percent, "kl": nats per image, "images": count}``.
     """
     promptkd = step.student.scores_against_teacher
-    teacher_scale = step.teacher_logit_scale if step.recipe == "promptkd" else step.student_logit_scale
+    teacher_scale = step.teacher_logit_scale if step.recipe in TEACHER_SPACE_RECIPES else step.student_logit_scale
     vectors = step.teacher_class_vectors
     was_training = step.training
     step.train(False)
@@ -413,17 +417,17 @@ def distilled_classifier(distilled, clip, class_names: Sequence[str], templates:
     these names and templates, else from ``teacher`` (refused without one).
     """
     names, templates = list(class_names), list(templates)
-    if distilled.learner_kind == "promptkd":
+    if distilled.learner_kind in TEACHER_SPACE_KINDS:
         stored = (distilled.class_vectors is not None and distilled.class_vectors_space == "teacher"
                   and distilled.class_names == names and distilled.templates == templates)
         if stored:
             vectors = distilled.class_vectors
         elif teacher is not None or distilled.teacher_vector_names == names:
             vectors = distilled_teacher_vectors(distilled, names, templates, model=teacher,
-                                                device=clip.logit_scale.device, cache_dir=cache_dir)
+                                                device=module_device(clip), cache_dir=cache_dir)
         else:
             raise EvalInputError(
-                f"the PromptKD student {distilled.path} scores images against the teacher's class vectors, and "
+                f"the {distilled.learner_kind} student {distilled.path} scores images against the teacher's class vectors, and "
                 f"it holds none for these {len(names)} names and templates: evaluate with its teacher "
                 f"({distilled.teacher.get('name')!r}), or export for these names first"
             )
@@ -518,9 +522,9 @@ def _models_to_load(spec, teacher: Optional[dict], student: Optional[dict], *, u
             teacher["weights"] = spec.teacher.get("weights")
             # the teacher row is the teacher that was distilled from: the tuned one, when it was
             teacher["prompts"] = spec.teacher.get("prompts")
-        if spec.learner_kind == "promptkd" and use_teacher and teacher["name"] != spec.teacher.get("name"):
+        if spec.learner_kind in TEACHER_SPACE_KINDS and use_teacher and teacher["name"] != spec.teacher.get("name"):
             raise EvalInputError(
-                f"the PromptKD student {spec.path} was distilled from teacher {spec.teacher.get('name')!r} and scores "
+                f"the {spec.learner_kind} student {spec.path} was distilled from teacher {spec.teacher.get('name')!r} and scores "
                 f"images against that teacher's class vectors; teacher {teacher['name']!r} was given"
             )
     if use_teacher and teacher.get("weights") and not teacher.get("name"):
@@ -550,7 +554,8 @@ class _LoadedModels:
     teacher_model: Any = None  # a frozen Teacher
     teacher_input: str = "teacher"
     teacher_scale: Optional[float] = None  # None: the teacher's own logit scale
-    clip: Any = None  # the student backbone (zero-shot, and under the distilled prompts)
+    clip: Any = None  # the student CLIP (zero-shot, and under the distilled prompts)
+    distilled_backbone: Any = None  # what the distilled student is rebuilt over: that CLIP, or the data-free timm net
     student_input: str = "student"
     tokenizer: Any = None
     outputs: list = field(default_factory=list)
@@ -573,7 +578,7 @@ class _LoadedModels:
             vectors = encode_class_names(self.clip.encode_text, self.tokenizer, names, templates, device=self.device)
             out.append(zero_shot_classifier(self.clip, vectors, input=self.student_input))
         if self.spec is not None:
-            module = distilled_classifier(self.spec, self.clip, names, templates, teacher=self.teacher_model,
+            module = distilled_classifier(self.spec, self.distilled_backbone, names, templates, teacher=self.teacher_model,
                                           cache_dir=self.class_vector_cache)
             out.append(module_classifier(module, input=self.student_input))
         return out
@@ -596,16 +601,29 @@ def _load_models(spec, teacher: Optional[dict], student: dict, *, device: torch.
             raise EvalInputError(f"{exc}; or evaluate without the teacher row") from exc
         models.teacher_input = output_for(models.teacher_model.model, "teacher")
         log(f"clipdistill eval: teacher {teacher['name']} tuned ({teacher['prompts']})")
+    elif teacher is not None and spec is not None and spec.method == "datafree" and teacher.get("weights") is None:
+        # a random-init teacher (smoke tests) is the one the synthetic set and the run were made with
+        models.teacher_model = load_teacher(teacher["name"], None, device)
+        models.teacher_input = output_for(models.teacher_model.model, "teacher")
     elif teacher is not None:
         models.teacher_model = build_teacher(teacher["name"], teacher.get("weights"), device=device)
         models.teacher_input = output_for(models.teacher_model.model, "teacher")
         log(f"clipdistill eval: teacher {teacher['name']} ({teacher.get('weights')})")
-    if spec is not None:
+    if spec is not None and spec.learner_kind == DATAFREE_KIND:
+        # a timm network, no CLIP: no zero-shot row; its own preprocessing
+        models.distilled_backbone = build_backbone(spec, device=device, expect_student=student.get("name"))
+        models.student = {"name": spec.student_name, "weights": None}
+        models.student_input = outputs.setdefault(
+            timm_image_spec(models.distilled_backbone, spec.learner_options.get("image_size")), "student")
+        log(f"clipdistill eval: data-free student {spec.student_name} from {spec.path}")
+    elif spec is not None:
         models.clip = build_backbone(spec, device=device, expect_student=student.get("name"),
                                      student_weights=student.get("weights"))
         models.student = {"name": spec.student_name, "weights": student.get("weights") or spec.student.get("weights")}
     elif student.get("name"):
         models.clip = build_student(student["name"], student.get("weights"), device=device)
+    if models.distilled_backbone is None:
+        models.distilled_backbone = models.clip
     if models.clip is not None:
         models.student_input = output_for(models.clip, "student")
         models.tokenizer = get_tokenizer(models.student["name"])

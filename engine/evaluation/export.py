@@ -49,13 +49,16 @@ from torch import nn
 from clipdistill.engine import __version__
 from clipdistill.engine.config.run import learner_options
 from clipdistill.engine.config.schema import ConfigError
-from clipdistill.engine.io import image_spec, read_class_names, read_templates
+from clipdistill.engine.datafree.student import KIND as DATAFREE_KIND
+from clipdistill.engine.datafree.student import TimmStudent, build_timm_backbone, module_device, student_image_spec
+from clipdistill.engine.io import read_class_names, read_templates
 from clipdistill.engine.models.class_vectors import teacher_class_vectors
 from clipdistill.engine.models.clip import build_student, build_teacher, get_tokenizer, import_open_clip
 from clipdistill.engine.models.tuned import TunedTeacher, load_tuned_teacher, tuned_teacher_class_vectors
 from clipdistill.engine.progress import progress_bar
 from clipdistill.engine.prompts.learners import PROMPT_PLACEMENTS
 from clipdistill.engine.prompts.registry import build_learner as build_prompt_learner
+from clipdistill.engine.templates import templates_for
 from clipdistill.engine.training.checkpoint import CheckpointError, load_checkpoint, load_class_vectors, tensor_sha256
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import IMAGE_EXTENSIONS, EmptySourceError, SampleList, resolve_source, scan_folder
@@ -68,6 +71,10 @@ BACKBONE_PREFIX = "backbone."
 CLASS_VECTORS = "class_vectors"
 # Vision prompts of artifacts written before the placement was recorded went in after ln_pre.
 LEGACY_PROMPT_PLACEMENT = "after_ln_pre"
+# Learner kinds whose logits are against the teacher's class vectors (PromptKD's student, the data-free one).
+TEACHER_SPACE_KINDS = ("promptkd", DATAFREE_KIND)
+# The checkpoints of the data-free student's own loop (distill-datafree before it joined the engine's trainer).
+LEGACY_DATAFREE_KIND = "clipdistill-datafree-student/1"
 
 
 class ExportError(ValueError):
@@ -194,6 +201,8 @@ def read_distilled(path: Union[str, Path]) -> DistilledStudent:
 
 def _read_checkpoint(path: Path) -> DistilledStudent:
     state = load_checkpoint(path)
+    if state.get("kind") == LEGACY_DATAFREE_KIND:
+        return _read_legacy_datafree(path, state)
     config = state.get("config")
     if not isinstance(config, dict) or "learner" not in state:
         raise ExportError(f"{path}: a checkpoint without the run config or the learner state")
@@ -228,6 +237,38 @@ def _read_checkpoint(path: Path) -> DistilledStudent:
         prompt_placement=config["learner"].get("prompt_placement", LEGACY_PROMPT_PLACEMENT),
         teacher_vectors=vectors, teacher_vector_names=vector_header.get("class_names"),
         teacher_vectors_source=vector_header.get("source"),
+    )
+
+
+def _read_legacy_datafree(path: Path, state: dict) -> DistilledStudent:
+    """A checkpoint of the data-free student's own loop: its network, head and the teacher's class
+    vectors it scored against are here; the class names are those of the synthetic set it was
+    trained on (recorded as a path), or refused naming what to do when that set is gone."""
+    config, model, extra = state.get("config") or {}, state.get("model") or {}, state.get("extra") or {}
+    vectors = model.get("class_vectors")
+    if not isinstance(vectors, torch.Tensor) or "backbone" not in config:
+        raise ExportError(f"{path}: a data-free student checkpoint without its network config or class vectors")
+    data = extra.get("data")
+    plan = Path(str(data)) / "synthesis.json" if data else None
+    if plan is None or not plan.is_file():
+        raise ExportError(
+            f"{path} is a data-free student checkpoint from before the engine's trainer ran the data-free recipe; "
+            f"its class names are those of the synthetic set it was trained on ({data!r}), which cannot be read "
+            f"here. Restore that set at that path, or train again with clipdistill distill --recipe datafree")
+    names = list(json.loads(plan.read_text(encoding="utf-8"))["class_names"])
+    if len(names) != vectors.shape[0]:
+        raise ExportError(f"{path}: {vectors.shape[0]} class vectors, but its synthetic set {data} names "
+                          f"{len(names)} classes")
+    learner_state = {k: v for k, v in model.items() if k != "class_vectors"}
+    learner_state["scale"] = torch.tensor(float(config.get("logit_scale", 100.0)))
+    return DistilledStudent(
+        path=str(path), source="checkpoint", method="datafree",
+        student={"name": config["backbone"], "weights": None, "precision": None},
+        teacher={"name": extra.get("teacher"), "weights": extra.get("teacher_weights"), "prompts": None},
+        learner_kind=DATAFREE_KIND, learner_options={"image_size": int(config.get("image_size", 224))},
+        learner_state=learner_state, class_names=names, templates=list(templates_for("generic")),
+        header={"legacy": LEGACY_DATAFREE_KIND}, step=int(state.get("step", 0)), prompt_placement=None,
+        teacher_vectors=vectors.float(), teacher_vector_names=names, teacher_vectors_source="teacher",
     )
 
 
@@ -341,7 +382,8 @@ def build_backbone(
     expect_student: Optional[str] = None,
     student_weights: Optional[str] = None,
 ) -> nn.Module:
-    """The frozen student CLIP the prompts were trained on, checked against the file's record.
+    """The frozen student CLIP the prompts were trained on, checked against the file's record
+    (the data-free student: its timm network, random-init, which its saved state then fills).
 
     Args:
         expect_student: the student architecture the caller wants (e.g. ``--student``);
@@ -360,6 +402,12 @@ def build_backbone(
             f"asked for: prompts do not carry over between architectures. Use student {name!r}, or distill "
             f"{expect_student!r} itself."
         )
+    if distilled.learner_kind == DATAFREE_KIND:
+        # The data-free student trained its whole network: its weights are all in the learner state.
+        try:
+            return build_timm_backbone(name, None).to(device)
+        except ValueError as exc:
+            raise ExportError(f"{distilled.path}: {exc}") from exc
     precision = distilled.student.get("precision") or "fp32"
     weights = distilled.student.get("weights")
     if distilled.backbone_state is not None:
@@ -467,17 +515,21 @@ def rebuild_learner(
             f"{len(distilled.class_names or [])} names it was trained with, not these {len(class_names)}"
         )
     if teacher_dim is None:
-        projector_out = distilled.learner_state.get("projector.layers.3.weight")
+        projector_out = (distilled.learner_state.get("projector.layers.3.weight")
+                         if distilled.learner_kind != DATAFREE_KIND else distilled.learner_state.get("head.weight"))
         teacher_dim = int(projector_out.shape[0]) if projector_out is not None else None
         if teacher_dim is None and distilled.class_vectors is not None:
             teacher_dim = int(distilled.class_vectors.shape[1])
     options = learner_options(distilled.learner_kind, distilled.learner_options)
-    device = clip.logit_scale.device
-    learner = construct_learner(
-        distilled.learner_kind, clip, tokenizer=get_tokenizer(distilled.student_name), class_names=class_names,
-        templates=_templates(distilled, templates), teacher_dim=teacher_dim, options=options,
-        prompt_placement=distilled.prompt_placement,
-    ).to(device)
+    device = module_device(clip)
+    if distilled.learner_kind == DATAFREE_KIND:
+        learner = TimmStudent(clip, teacher_dim, **options).to(device)
+    else:
+        learner = construct_learner(
+            distilled.learner_kind, clip, tokenizer=get_tokenizer(distilled.student_name), class_names=class_names,
+            templates=_templates(distilled, templates), teacher_dim=teacher_dim, options=options,
+            prompt_placement=distilled.prompt_placement,
+        ).to(device)
     differences = state_differences(distilled.learner_state, learner.state_to_save())
     if differences:
         raise ExportError(
@@ -492,7 +544,8 @@ def rebuild_learner(
 class StudentClassifier(nn.Module):
     """A distilled learner and the class vectors its logits are taken against.
 
-    ``class_vectors`` (C, D): PromptKD's teacher class vectors (required), or the student's
+    ``class_vectors`` (C, D): the teacher's class vectors for PromptKD and the data-free student
+    (required), or the student's
     precomputed class features; None for CoCoOp, whose class features depend on the image.
     :meth:`forward`: images (B, 3, S, S) at the student's preprocessing -> logits (B, C) float32.
     """
@@ -503,13 +556,17 @@ class StudentClassifier(nn.Module):
         self.learner = learner
         self.promptkd = learner.scores_against_teacher
         if self.promptkd and class_vectors is None:
-            raise ExportError("a PromptKD student needs the teacher's class vectors")
+            raise ExportError(f"a {type(learner).__name__} scores against the teacher's class vectors: pass them")
         if class_vectors is not None and class_vectors.shape[0] != len(class_names):
             raise ExportError(f"{class_vectors.shape[0]} class vectors for {len(class_names)} class names")
         self.class_names = list(class_names)
-        device = learner.clip.logit_scale.device
+        device = module_device(learner)
         self.register_buffer("class_vectors", None if class_vectors is None else class_vectors.float().to(device),
                              persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.learner)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -566,9 +623,10 @@ def export_student(
     """
     path = Path(path)
     class_names, templates = list(class_names), list(templates)
-    clip = learner.clip
+    datafree = isinstance(learner, TimmStudent)  # its whole network is learner state: nothing to refer to
+    clip = None if datafree else learner.clip
     weights = student.get("weights")
-    if weights is None and not include_backbone:
+    if weights is None and not include_backbone and not datafree:
         raise ExportError(
             f"student {student['name']!r} has no weights (random init): its prompts are useless without this exact "
             f"backbone. Export with include_backbone (--include-backbone) to store it in the file."
@@ -586,15 +644,15 @@ def export_student(
     tensors = {LEARNER_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in learner.state_to_save().items()}
     if vectors is not None:
         tensors[CLASS_VECTORS] = vectors.contiguous()
-    backbone_state = clip.state_dict()
+    backbone_state = {} if datafree else clip.state_dict()
     if include_backbone:
         tensors.update({BACKBONE_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in backbone_state.items()})
-    size, mean, std = image_spec(clip)
+    size, mean, std = student_image_spec(learner)
     header = {
         "format": FORMAT,
         "method": method,
         "student": {"name": student["name"], **_weights_record(weights), "precision": student.get("precision"),
-                    "embed_dim": int(clip.visual.output_dim)},
+                    "embed_dim": int(learner.output_dim if datafree else clip.visual.output_dim)},
         "teacher": {"name": teacher.get("name"), "weights": teacher.get("weights"),
                     "prompts": teacher.get("prompts")},
         "learner": {"kind": learner_kind, "options": learner_options,
@@ -603,8 +661,9 @@ def export_student(
         "templates": templates,
         "class_vectors": space,
         "class_vectors_sha256": None if vectors is None else tensor_sha256(vectors),
-        "backbone": "embedded" if include_backbone else "reference",
-        "backbone_shapes": _shapes(backbone_state),
+        # the data-free student's network is in its learner tensors ("learner")
+        "backbone": "learner" if datafree else "embedded" if include_backbone else "reference",
+        "backbone_shapes": None if datafree else _shapes(backbone_state),
         "image": {"size": size, "mean": list(mean), "std": list(std)},
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -640,7 +699,7 @@ def export_from_checkpoint(
     templates = _templates(distilled, templates)
     clip = build_backbone(distilled, device=device)
     teacher_vectors = None
-    if distilled.method == "promptkd" or distilled.learner_kind == "promptkd":
+    if distilled.learner_kind in TEACHER_SPACE_KINDS:
         teacher_vectors = distilled_teacher_vectors(distilled, names, templates, device=device,
                                                     cache_dir=class_vector_cache)
     learner = rebuild_learner(distilled, clip, class_names=names, templates=templates,
@@ -754,7 +813,7 @@ def load_export(
             raise ExportError(f"{path}: class vectors of shape {tuple(vectors.shape)}, expected "
                               f"({len(distilled.class_names)}, {expected})")
     classifier = StudentClassifier(learner, vectors, distilled.class_names)
-    size, mean, std = image_spec(clip)
+    size, mean, std = student_image_spec(learner)
     return LoadedStudent(classifier, list(distilled.class_names), size, tuple(mean), tuple(std), distilled)
 
 
@@ -816,7 +875,7 @@ def predict(
     scale). An image that cannot be read gives ``{"image", "error"}``.
     """
     samples = image_samples(inputs, cache_dir=cache_dir)
-    device = student.classifier.learner.clip.logit_scale.device
+    device = student.classifier.device
     loader = ImageLoader(
         samples, global_batch_size=batch_size,
         outputs=[OutputSpec("student", student.image_size, student.image_mean, student.image_std)],

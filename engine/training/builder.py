@@ -8,6 +8,7 @@ training run's by construction.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +19,9 @@ from torch import nn
 
 from clipdistill.engine.config.run import RunConfig, dump_run_config, resume_config
 from clipdistill.engine.config.schema import ConfigError
+from clipdistill.engine.datafree.dataset import is_synthetic_set, read_synthetic_set
+from clipdistill.engine.datafree.student import TimmStudent, build_timm_backbone, student_image_spec
+from clipdistill.engine.datafree.synthesize import RANDOM_TEACHER_SEED
 from clipdistill.engine.distill.metrics import base_novel_split
 from clipdistill.engine.distill.step import DistillStep
 from clipdistill.engine.evaluation.evaluate import holdout_split, scan_labeled_folder
@@ -37,6 +41,8 @@ from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCach
 from clipdistill.engine.training.tune_teacher import draw_shots
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import SampleList, resolve_source
+
+ImageSpec = tuple[int, tuple, tuple]  # (side, mean, std) of a model's input
 from clipdistill.loaders.views import ReplayViews
 
 
@@ -137,20 +143,33 @@ def _live_teacher(cfg: RunConfig, class_names: list[str], templates: list[str],
                                      model_name=cfg.teacher.name, weights=cfg.teacher.weights,
                                      cache_dir=cache, device=where.device)
 
+    # A random-init data-free teacher (smoke tests) is the one `clipdistill synthesize` made the set with.
+    seed = RANDOM_TEACHER_SEED if cfg.method == "datafree" else cfg.train.seed
     if where.ds_config is not None:
         return zero.build_sharded_teacher(cfg.teacher.name, cfg.teacher.weights, where.ds_config,
-                                          device=where.device, class_vectors=class_vectors, seed=cfg.train.seed)
-    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=where.device,
-                            precision=cfg.teacher.precision)
+                                          device=where.device, class_vectors=class_vectors, seed=seed)
+    with torch.random.fork_rng(devices=[], enabled=cfg.method == "datafree"):
+        if cfg.method == "datafree":
+            torch.manual_seed(seed)
+        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=where.device,
+                                precision=cfg.teacher.precision)
     # Computed (and cached) on rank 0 only, then shared; a plain call in a single process.
     return teacher, launch.broadcast_from_rank0(lambda: class_vectors(teacher), where.device)
 
 
 def _student(cfg: RunConfig, class_names: list[str], templates: list[str], teacher_dim: int,
-             where: _Placement) -> PromptLearner:
+             where: _Placement, teacher_logit_scale: float) -> PromptLearner | TimmStudent:
     # Seeded again: the student's random parts (prompts; a random-init backbone in tests) must not
     # depend on whether the teacher was built, loaded from tuned prompts or replaced by a cache.
     torch.manual_seed(cfg.train.seed + 1)
+    if cfg.method == "datafree":  # a timm network trained whole, scoring at the teacher's logit scale
+        try:
+            backbone = build_timm_backbone(cfg.student.name, cfg.student.weights)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        learner = TimmStudent(backbone, teacher_dim, logit_scale=teacher_logit_scale,
+                              **cfg.learner.options).to(where.device)
+        return sync_batch_norm(learner) if where.world > 1 else learner
     student_clip = build_student(cfg.student.name, cfg.student.weights, device=where.device,
                                  precision=cfg.student.precision or "fp32")
     if cfg.learner.kind == "promptsrc" and cfg.learner.frozen_templates:
@@ -164,15 +183,15 @@ def _student(cfg: RunConfig, class_names: list[str], templates: list[str], teach
     return learner
 
 
-def _outputs(student_clip: nn.Module, teacher: Optional[nn.Module]) -> tuple[list[OutputSpec], Optional[str]]:
+def _outputs(student_spec: ImageSpec, teacher: Optional[nn.Module]) -> tuple[list[OutputSpec], Optional[str]]:
     """The loader's outputs (the student's resolution, the teacher's when it differs) and the teacher's
     input name (None when its features come from a cache)."""
-    s_size, s_mean, s_std = image_spec(student_clip)
+    s_size, s_mean, s_std = student_spec
     outputs = [OutputSpec("student", s_size, s_mean, s_std)]
     if teacher is None:
         return outputs, None
     spec = image_spec(teacher.model)
-    if spec == (s_size, s_mean, s_std):
+    if spec == (s_size, tuple(s_mean), tuple(s_std)):
         return outputs, "student"
     return outputs + [OutputSpec("teacher", *spec)], "teacher"
 
@@ -209,14 +228,66 @@ def labeled_selection(cfg: RunConfig, log: Callable[[str], None] = print):
     return list(names), samples
 
 
+def image_source(path: str, key: str, *, lists: str, resuming: bool, synthetic=None) -> SampleList:
+    """The images of ``path`` (config key ``key``): a synthetic set's manifest, or any loader source.
+
+    A synthetic set's list is saved under ``lists`` when a run starts and read back when it
+    resumes, so a set that grew since (synthesis still running) does not change a resumed run's
+    images; any other source is :func:`resolve_source`'s (which saves and revalidates its lists).
+    """
+    if synthetic is None and not is_synthetic_set(path):
+        return resolve_source(path, cache_dir=lists, keep_saved=resuming)
+    saved = Path(lists) / f"{key.replace('.', '_')}-synthetic.txt"
+    if resuming and saved.is_file():
+        return SampleList.load(saved)
+    samples = (synthetic or read_synthetic_set(path, what=key)).samples
+    samples.save(saved)
+    return samples
+
+
+def _datafree_config(cfg: RunConfig, log: Callable[[str], None]):
+    """The data-free run's config and its synthetic set (None when data.train is another source).
+
+    The set's plan names the teacher it was made with; unless the user set ``teacher.name`` or
+    ``teacher.weights``, that teacher is the run's (the recipe's default is only a default). Class
+    names come from the plan unless ``data.class_names`` is set; another source needs them.
+    """
+    if not is_synthetic_set(cfg.data.train):
+        if not cfg.data.class_names:
+            raise ConfigError(f"data.train={cfg.data.train!r} is not a synthetic set (clipdistill synthesize "
+                              f"makes one): give its class names in data.class_names, or train on a synthetic set")
+        return cfg, None
+    synthetic = read_synthetic_set(cfg.data.train, what="data.train")
+    plan = synthetic.plan
+    made_with = (plan.teacher, plan.teacher_weights)
+    if (cfg.teacher.name, cfg.teacher.weights) != made_with:
+        explicit = cfg.explicit_keys
+        if explicit is not None and not explicit & {"teacher.name", "teacher.weights"}:
+            explicit_keys = explicit
+            cfg = copy.deepcopy(cfg)
+            cfg.teacher.name, cfg.teacher.weights = made_with
+            cfg.explicit_keys = explicit_keys
+            log(f"clipdistill: teacher {plan.teacher} ({plan.teacher_weights}), the one data.train was synthesized "
+                f"with (set teacher.name / teacher.weights to distill from another)")
+        else:
+            log(f"clipdistill: WARNING: data.train was synthesized with teacher {plan.teacher} "
+                f"({plan.teacher_weights}); distilling from {cfg.teacher.name} ({cfg.teacher.weights})")
+    return cfg, synthetic
+
+
 def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     """Turn a config into models, class vectors, the step and the loaders (the one builder)."""
     if cfg.train.resume:
         cfg = _resumed_config(cfg, log)
     if not cfg.data.train:
         raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
+    synthetic = None
+    if cfg.method == "datafree":
+        cfg, synthetic = _datafree_config(cfg, log)
     selected = None
-    if cfg.data.shots is not None or cfg.data.base_classes_only:
+    if synthetic is not None and not cfg.data.class_names:
+        class_names = synthetic.class_names
+    elif cfg.data.shots is not None or cfg.data.base_classes_only:
         class_names, selected = labeled_selection(cfg, log)
         log(f"clipdistill: {len(selected)} images of {len(class_names)} classes"
             + (f" ({cfg.data.shots} shots per class, seed {cfg.data.shot_seed})" if cfg.data.shots else "")
@@ -233,7 +304,10 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     # list's digest); a folder changed since is reported by resolve_source, not mixed in. A few-shot or
     # base-class run's list is the selection (drawn again, the same, from the seed).
     resuming = cfg.train.resume and latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints") is not None
-    source = resolve_source(cfg.data.train, cache_dir=lists, keep_saved=resuming) if selected is None else selected
+    if selected is not None:
+        source = selected
+    else:
+        source = image_source(cfg.data.train, "data.train", lists=lists, resuming=resuming, synthetic=synthetic)
     vectors_source = "teacher_cache" if cfg.teacher.cache else "tuned" if cfg.teacher.prompts else "teacher"
     if cfg.method == "promptkd" and vectors_source == "teacher":
         log(f"clipdistill: WARNING: PromptKD is distilling from the untuned teacher {cfg.teacher.name} "
@@ -250,8 +324,8 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     else:
         teacher, vectors = _live_teacher(cfg, class_names, templates, where)
     teacher_dim = int(vectors.shape[1])
-    learner = _student(cfg, class_names, templates, teacher_dim, where)
-    student_dim = int(learner.clip.visual.output_dim)
+    learner = _student(cfg, class_names, templates, teacher_dim, where, float(teacher.logit_scale))
+    student_dim = int(learner.clip.visual.output_dim if cfg.method != "datafree" else learner.head.in_features)
     projected = "" if cfg.method == "kdpl" else f" projected to D={teacher_dim}"
     detail = f", learner {cfg.learner.kind}" if cfg.method == "kdpl" else ""
     log(f"clipdistill: teacher {cfg.teacher.name} (D={teacher_dim}) -> student {cfg.student.name} "
@@ -264,17 +338,21 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         forward_weight=cfg.loss.forward_weight, reverse_weight=cfg.loss.reverse_weight,
         reduction=cfg.loss.reduction, temperature_squared=cfg.loss.temperature_squared,
         kd_weight=cfg.loss.kd_weight, promptsrc_weights=cfg.loss.promptsrc_weights, loss_backend=cfg.loss.backend,
+        feature_weight=cfg.loss.feature_weight,
     )
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     dtype = torch.bfloat16 if autocast_dtype is not None else torch.float32
-    outputs, teacher_input = _outputs(learner.clip, None if feature_cache is not None else teacher)
-    heldout_loader = None
+    outputs, teacher_input = _outputs(student_image_spec(learner), None if feature_cache is not None else teacher)
+    heldout_loader = heldout = None
     if cfg.data.holdout_fraction > 0:
         source, heldout = holdout_split(source, cfg.data.holdout_fraction,
                                         seed=cfg.train.seed)
+    elif cfg.data.heldout:
+        heldout = image_source(cfg.data.heldout, "data.heldout", lists=lists, resuming=resuming)
+    if heldout is not None:
         heldout_loader = image_loader(heldout, cfg.data, outputs=outputs, transform=heldout_transform(),
                                       seed=cfg.train.seed, device=device, dtype=dtype, rank=rank, world_size=world)
         log(f"clipdistill: {len(heldout)} unlabeled images held out for model selection "

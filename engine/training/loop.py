@@ -2,7 +2,7 @@
 
 Four loops train something here: distillation (:class:`~clipdistill.engine.training.trainer.Trainer`),
 PromptKD's teacher tuning (:mod:`.tune_teacher`), data-free distillation of a timm student
-(:mod:`clipdistill.engine.datafree.student`) and the demo's CLIP pretraining
+(:mod:`clipdistill.engine.datafree.student`; now the Trainer runs it) and the demo's CLIP pretraining
 (:mod:`clipdistill.engine.commands.demo`). What they feed a step differs (image views and a
 teacher, labeled shots, synthetic images, image-caption pairs) and so does what they report;
 what happens after the loss is the same and lives here once::

@@ -1,4 +1,5 @@
-"""Data-free distillation: diversifiers, generators, synthesis (resumable), report, student.
+"""Data-free distillation: diversifiers, generators, synthesis (resumable), report (the student's
+recipe: test_datafree_recipe.py).
 
 Tiny random-init models on the CPU (the teacher from tests/engine/conftest.py, a timm
 ``test_resnet`` student, a random-init diffusers VQModel). A random teacher sees little in its
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipdistill.engine.datafree import diversify, generators, report, student, synthesize
+from clipdistill.engine.datafree import diversify, generators, report, synthesize
 from clipdistill.engine.models import TINY_TEACHER, Teacher
 
 HAS_DIFFUSERS = generators.diffusers_available()
@@ -432,74 +433,7 @@ def test_pairwise_cosine_distance_against_a_float64_reference():
     assert report.pairwise_cosine_distance(features[:1].repeat(4, 1)) == pytest.approx(0, abs=1e-6)
 
 
-# ----------------------------------------------------------------------------- student and end to end
-
-
-def test_student_logits_and_loss_parts(teacher):
-    class_vectors = torch.nn.functional.normalize(torch.randn(5, 48), dim=-1)
-    net = student.DataFreeStudent("test_resnet", class_vectors, image_size=32, logit_scale=float(teacher.logit_scale))
-    images = torch.rand(4, 3, 32, 32)
-    features = torch.nn.functional.normalize(net(images), dim=-1)
-    torch.testing.assert_close(net.logits(images), net.logit_scale * features @ class_vectors.t())
-    parts = student.distill_losses(net, teacher, images, feature_weight=0.5)
-    assert set(parts) == {"kd", "feature"}
-    from clipdistill.kernels.kd_loss import kd_loss_reference
-
-    with torch.no_grad():
-        teacher_features = generators.teacher_image_features(teacher, images)
-        expected = kd_loss_reference(net(images), teacher_features, class_vectors, logit_scale=net.logit_scale,
-                                     forward_weight=1.0, reverse_weight=0.0)
-    torch.testing.assert_close(parts["kd"].detach(), expected, rtol=1e-5, atol=1e-6)
-    parts["kd"].backward()
-    assert net.head.weight.grad is not None and torch.isfinite(net.head.weight.grad).all()
-
-
-def test_synthesize_distill_eval_end_to_end(tmp_path, class_names):
-    classes = tmp_path / "classes.txt"
-    classes.write_text("\n".join(class_names) + "\n")
-    common = ["--class-names", str(classes), "--generator", "fourier", "--steps", "6", "--cutouts", "2",
-              "--teacher", TINY_TEACHER, "--contrastive-steps", "5", "--no-progress", "--batch-size", "10"]
-    train, held = tmp_path / "train", tmp_path / "held"
-    assert _cli(["synthesize", *common, "--out-dir", str(train), "--diversifier", "contrastive", "--per-class", "6"]) == 0
-    assert _cli(["synthesize", *common, "--out-dir", str(held), "--diversifier", "mix", "--per-class", "3", "--seed", "1"]) == 0
-    ckpt = tmp_path / "ckpt"
-    argv = ["distill-datafree", "--data", str(train), "--out-dir", str(ckpt), "--student", "test_resnet",
-            "--image-size", "32", "--epochs", "6", "--batch-size", "10", "--feature-weight", "0.1",
-            "--eval-data", str(held), "--no-progress"]
-    assert _cli(argv) == 0
-    from clipdistill.engine.training.checkpoint import latest_checkpoint, load_checkpoint
-
-    saved = student.load_student(ckpt)
-    summary = load_checkpoint(latest_checkpoint(ckpt))["extra"]["summary"]
-    assert summary["steps"] == 6 * 3
-    assert summary["last"]["kd"] < summary["first"]["kd"]
-
-    # Agreement with the teacher on the held-out set, before and after distillation.
-    from clipdistill.engine.datafree.dataset import SyntheticImages
-
-    teacher = synthesize.load_teacher(TINY_TEACHER, None, "cpu")
-    held_set = SyntheticImages(held)
-    trained = student.agreement(saved, teacher, held_set)
-    assert trained == pytest.approx(summary["eval"], rel=1e-4)  # the reloaded student is the trained one
-    torch.manual_seed(0)
-    untrained = student.DataFreeStudent("test_resnet", saved.class_vectors, image_size=32,
-                                        logit_scale=saved.logit_scale).eval()
-    baseline = student.agreement(untrained, teacher, held_set)
-    # A random tiny teacher's class distribution is nearly flat, so its top-1 class is close to
-    # arbitrary: the KL is what must improve; top-1 agreement is only checked to be a share.
-    assert trained["kl"] < 0.5 * baseline["kl"]
-    assert 0 <= trained["agreement"] <= 100 and trained["images"] == 15
-    assert trained["agreement"] >= baseline["agreement"] - 20
-    assert 0 <= trained["student_prompt_class_top1"] <= 100 and 0 <= trained["teacher_prompt_class_top1"] <= 100
-
-    assert _cli(["datafree-eval", "--checkpoint", str(ckpt), "--data", str(held)]) == 0
-    out = tmp_path / "report" / "diversity.json"
-    assert _cli(["datafree-report", str(train), str(held), "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert set(result["sets"]) == {"contrastive/fourier", "mix/fourier"}
-    for entry in result["sets"].values():
-        assert set(entry["per_class"]) == set(class_names) and 0 <= entry["overall"] <= 2
-    assert result["plot"] and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+# ----------------------------------------------------------------------------- commands
 
 
 def test_commands_register_without_heavy_imports():

@@ -46,9 +46,15 @@ def _maker():
     return module
 
 
+# Where make_legacy_artifacts.py ran: checkpoints, exports and caches name the weights and images there.
+RECORDED_AT = Path("/tmp/legacy")
+
+
 @pytest.fixture
-def legacy(tmp_path, monkeypatch) -> Path:
-    """A copy of the legacy folder with its weights regenerated; the current directory is set to it."""
+def legacy(tmp_path, monkeypatch):
+    """A copy of the legacy folder with its weights regenerated; the current directory is set to it,
+    and the folder the artifacts were made in (/tmp/legacy) leads to it while the test runs (a
+    link, removed after; a real folder there is used if it holds the same weights)."""
     root = tmp_path / "legacy"
     shutil.copytree(LEGACY, root)
     maker = _maker()
@@ -58,8 +64,22 @@ def legacy(tmp_path, monkeypatch) -> Path:
         digest, name = line.split()
         actual = hashlib.sha256((root / name).read_bytes()).hexdigest()
         assert actual == digest, f"regenerated {name} differs from the one the artifacts were made with"
+        if RECORDED_AT.exists() and not RECORDED_AT.is_symlink():
+            there = RECORDED_AT / name
+            assert there.is_file() and hashlib.sha256(there.read_bytes()).hexdigest() == digest, \
+                f"{RECORDED_AT} exists but does not hold the artifacts' {name}: move it aside to run these tests"
+    linked = False
+    if RECORDED_AT.is_symlink():  # left by an interrupted run
+        RECORDED_AT.unlink()
+    if not RECORDED_AT.exists():
+        RECORDED_AT.symlink_to(root, target_is_directory=True)
+        linked = True
     monkeypatch.chdir(root)
-    return root
+    try:
+        yield root
+    finally:
+        if linked and RECORDED_AT.is_symlink():
+            RECORDED_AT.unlink()
 
 
 def _predict(capsys, model: str, images: list[str], *extra: str) -> list[dict]:

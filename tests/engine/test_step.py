@@ -35,7 +35,7 @@ def test_teacher_class_vectors_of_another_dimension_are_refused(shape_data, tiny
     run = build_run(load_run_config(tiny_run_config(shape_data, tmp_path)), log=lambda m: None)
     with pytest.raises(ValueError, match=r"dimension 7 but the teacher's image features have 48"):
         DistillStep(run.teacher, run.learner, torch.randn(5, 7))
-    with pytest.raises(ValueError, match=r"recipe 'promptkd' needs a PromptKDStudent learner .*, got CoOp"):
+    with pytest.raises(ValueError, match=r"recipe 'promptkd' needs a student scored against the teacher's class vectors .*, got CoOp"):
         DistillStep(run.teacher, run.learner, run.step.teacher_class_vectors, recipe="promptkd")
 
 

@@ -1,0 +1,266 @@
+"""The data-free recipe in the engine's trainer: ``clipdistill distill --recipe datafree``.
+
+A tiny synthetic set (Fourier generator, the random-init tiny teacher) is made once per module; the
+student is timm's ``test_efficientnet`` (batch norm included) at 32 px. These check mechanics: the run
+takes its teacher and class names from the set, selects on a held-out synthetic set, resumes exactly
+after SIGKILL, and its student goes through export, predict and eval with the trainer's numbers; the
+old commands run the recipe; a checkpoint of the old loop loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipdistill.engine.config.run import load_run_config
+from clipdistill.engine.config.schema import ConfigError
+from clipdistill.engine.datafree import synthesize
+from clipdistill.engine.datafree.dataset import read_synthetic_set
+from clipdistill.engine.datafree.student import TimmStudent, build_timm_backbone
+from clipdistill.engine.distill.step import DistillStep
+from clipdistill.engine.evaluation.export import ExportError, read_distilled, rebuild_learner
+from clipdistill.engine.io import image_spec
+from clipdistill.engine.models import TINY_TEACHER, Teacher, get_tokenizer
+from clipdistill.engine.training import checkpoint as ckpt
+from clipdistill.engine.training.trainer import distill
+from clipdistill.kernels.kd_loss import kd_loss_reference
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "datafree_9a0249b"
+STUDENT = "test_efficientnet"
+CLASSES = ("cat", "dog", "sea lion")
+
+
+def _set(out: Path, *, per_class: int, seed: int, diversifier: str) -> Path:
+    plan = synthesize.SynthesisPlan(
+        teacher=TINY_TEACHER, teacher_weights=None, class_names=CLASSES, diversifier=diversifier,
+        generator="fourier", per_class=per_class, seed=seed, steps=2, n_cutouts=2, contrastive_steps=2)
+    teacher = synthesize.load_teacher(TINY_TEACHER, None, "cpu")
+    synthesize.synthesize(plan, out, teacher, get_tokenizer(TINY_TEACHER), batch_size=12, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return (_set(root / "train", per_class=4, seed=0, diversifier="contrastive"),
+            _set(root / "held", per_class=2, seed=1, diversifier="mix"))
+
+
+def _overrides(train: Path, held: Path, out: Path, **extra) -> list[str]:
+    keys = {"data.train": str(train), "data.heldout": str(held), "student.name": STUDENT,
+            "learner.options.image_size": 32, "data.batch_size": 4, "data.backend": "torch", "data.workers": 1,
+            "train.epochs": 2, "train.checkpoint_every": 2, "train.log_every": 1, "train.out_dir": str(out),
+            "train.progress": False, **extra}
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in keys.items()]
+
+
+def test_the_recipe_trains_with_the_sets_teacher_and_names_and_selects_on_the_held_out_set(sets, tmp_path):
+    train, held = sets
+    cfg = load_run_config(None, _overrides(train, held, tmp_path / "run"), recipe="datafree")
+    assert cfg.teacher.name == "ViT-B-32"  # the recipe's default, which the set's plan replaces
+    logged: list[str] = []
+    summary = distill(cfg, log=logged.append)
+    assert any("the one data.train was synthesized with" in m for m in logged)
+    state = ckpt.load_checkpoint(summary["checkpoint"])
+    assert state["config"]["teacher"] == {"name": TINY_TEACHER, "weights": None, "precision": None,
+                                          "cache": None, "prompts": None}
+    assert state["config"]["method"] == "datafree" and state["step"] == 6  # 12 images / 4, 2 epochs
+    # the whole network trains and is saved: backbone, batch-norm statistics, head, logit scale
+    assert any(k.startswith("backbone.") and k.endswith("running_mean") for k in state["learner"])
+    assert {"head.weight", "head.bias", "scale"} <= set(state["learner"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "heldout/kl" in r] == [2, 4, 6]
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    vectors, header = ckpt.load_class_vectors(summary["checkpoint"], state["class_vectors"])
+    assert header["class_names"] == list(CLASSES) and vectors.shape == (3, 48)
+
+
+def test_the_loss_is_the_forward_kl_at_the_teachers_scale_plus_the_feature_term(teacher_clip):
+    teacher = Teacher(teacher_clip)
+    torch.manual_seed(0)
+    student = TimmStudent(build_timm_backbone(STUDENT), 48, image_size=32, logit_scale=float(teacher.logit_scale))
+    vectors = torch.nn.functional.normalize(torch.randn(5, 48), dim=-1)
+    step = DistillStep(teacher, student, vectors, recipe="datafree", temperature=2.0, feature_weight=0.5)
+    side = image_spec(teacher.model)[0]
+    t_images, s_images = torch.randn(4, 3, side, side), torch.randn(4, 3, 32, 32)
+    student.eval()  # batch norm in eval mode: the reference sees the same features
+    parts = step(t_images, s_images)
+    with torch.no_grad():
+        features_t = teacher.encode_image(t_images)
+        features_s = student.project(s_images)
+    scale = float(teacher.logit_scale)
+    expected = kd_loss_reference(features_s, features_t, vectors, logit_scale=scale, teacher_logit_scale=scale,
+                                 temperature=2.0, forward_weight=1.0, reverse_weight=0.0, reduction="batchmean",
+                                 temperature_squared=True)
+    torch.testing.assert_close(parts["kd"].detach(), expected.float(), rtol=1e-5, atol=1e-6)
+    cosine = torch.nn.functional.cosine_similarity(features_s, features_t, dim=-1)
+    torch.testing.assert_close(parts["feature"].detach(), 0.5 * (1 - cosine).mean(), rtol=1e-5, atol=1e-6)
+    parts["loss"].backward()
+    assert all(p.grad is not None for p in student.parameters())  # nothing in it is frozen
+
+
+def test_padding_rows_stay_out_of_the_backbones_batch_statistics():
+    torch.manual_seed(0)
+    student = TimmStudent(build_timm_backbone(STUDENT), 8, image_size=32).train()
+    images = torch.randn(4, 3, 32, 32)
+    mask = torch.tensor([True, True, True, False])
+    reference = TimmStudent(build_timm_backbone(STUDENT), 8, image_size=32).train()
+    reference.load_state_dict(student.state_dict())
+    out = student.project(images, mask)
+    expected = reference.project(images[:3])
+    torch.testing.assert_close(out[:3], expected)
+    assert torch.equal(out[3], torch.zeros(8))
+    for (name, a), (_, b) in zip(student.named_buffers(), reference.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+def _cli(*args, cwd, timeout=600):
+    exe = Path(sys.executable).parent / "clipdistill"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(sets, tmp_path):
+    train, held = sets
+    common = ["distill", "--recipe", "datafree", *_overrides(train, held, tmp_path / "x", **{
+        "train.checkpoint_every": 1, "train.epochs": 3})]
+    full = [*common, "train.out_dir=" + str(tmp_path / "full")]
+    proc = _cli(*full, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    killed = [*common, "train.out_dir=" + str(tmp_path / "killed")]
+    exe = Path(sys.executable).parent / "clipdistill"
+    kill_after = int(np.random.default_rng().integers(2, 7))  # of 9 steps
+    child = subprocess.Popen([str(exe), *killed], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.01)
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    proc = _cli(*killed, "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints"))
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints"))
+    assert a["step"] == b["step"] == 9
+    assert set(a["learner"]) == set(b["learner"])
+    for key, value in a["learner"].items():  # the whole network, batch-norm statistics included
+        assert torch.equal(value, b["learner"][key]), key
+    for key, value in a["optimizer"]["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, b["optimizer"]["state"][key][name]), (key, name)
+    assert load_file(str(tmp_path / "full" / "best.safetensors")).keys() == \
+        load_file(str(tmp_path / "killed" / "best.safetensors")).keys()
+
+
+def test_export_predict_and_eval_use_the_trained_student(sets, tmp_path):
+    train, held = sets
+    run = tmp_path / "run"
+    summary = distill(load_run_config(None, _overrides(train, held, run), recipe="datafree"), log=lambda m: None)
+    best = ckpt.load_checkpoint(run / "best.safetensors")
+    out = tmp_path / "student.safetensors"
+    proc = _cli("export", str(run / "best.safetensors"), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["method"] == "datafree" and line["learner"] == "timm" and line["class_vectors"] == "teacher"
+    # the export's class vectors are those the run trained against
+    vectors, _ = ckpt.load_class_vectors(run / "best.safetensors", best["class_vectors"])
+    assert torch.equal(vectors, ckpt.load_class_vectors(summary["checkpoint"],
+                                                        ckpt.load_checkpoint(summary["checkpoint"])["class_vectors"])[0])
+    assert torch.equal(load_file(str(out))["class_vectors"], vectors)
+    proc = _cli("predict", str(held / "images"), "--checkpoint", str(out), "--top-k", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert len(records) == 6 and all(r["top"][0]["class"] in CLASSES for r in records)
+    # eval's agreement and KL on the held-out set equal the trainer's selection figures for best
+    proc = _cli("eval", "--checkpoint", str(out), "--unlabeled", str(held / "images"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["unlabeled"]["student_distilled"]["kl"] == pytest.approx(best["best"]["kl"], rel=1e-4, abs=1e-6)
+    assert report["unlabeled"]["student_distilled"]["agreement"] == pytest.approx(best["best"]["agreement"])
+    assert "student_zero_shot" not in report["models"]  # a timm student has no zero-shot row
+
+
+def test_the_old_commands_run_the_recipe(sets, tmp_path):
+    train, held = sets
+    proc = _cli("distill-datafree", "--data", str(train), "--eval-data", str(held), "--out-dir", str(tmp_path / "r"),
+                "--student", STUDENT, "--image-size", "32", "--epochs", "1", "--batch-size", "6",
+                "--feature-weight", "0.1", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "distill --recipe datafree" in proc.stderr
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["method"] == "datafree" and config["data"]["heldout"] == str(held)
+    assert config["loss"]["feature_weight"] == 0.1 and config["learner"]["options"] == {"image_size": 32}
+    proc = _cli("datafree-eval", "--checkpoint", str(tmp_path / "r"), "--data", str(held), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 6 and 0 <= result["student_distilled"]["agreement"] <= 100
+
+
+def test_bad_inputs_are_named_before_any_model_is_built(sets, tmp_path):
+    train, held = sets
+    proc = _cli("distill", "--recipe", "datafree", *_overrides(train, held, tmp_path / "r", **{
+        "student.name": "resnet_181"}), cwd=tmp_path)
+    assert proc.returncode == 2 and "student.name: 'resnet_181' is not a timm model" in proc.stderr
+    with pytest.raises(ConfigError, match="method 'datafree' and learner.kind=timm go together"):
+        load_run_config(None, ["learner.kind=coop"], recipe="datafree")
+    with pytest.raises(ConfigError, match="data.heldout .* data.holdout_fraction"):
+        load_run_config(None, [f"data.heldout={held}", "data.holdout_fraction=0.1"], recipe="datafree")
+    plain = tmp_path / "plain"
+    shutil.copytree(train / "images", plain)
+    cfg = load_run_config(None, _overrides(plain, held, tmp_path / "p"), recipe="datafree")
+    with pytest.raises(ConfigError, match="is not a synthetic set .* data.class_names"):
+        distill(cfg, log=lambda m: None)
+
+
+def test_a_set_that_grew_does_not_change_a_resumed_run(sets, tmp_path):
+    train, held = sets
+    grown = tmp_path / "grown"
+    shutil.copytree(train, grown)
+    run = tmp_path / "run"
+    distill(load_run_config(None, _overrides(grown, held, run, **{"train.epochs": 1}), recipe="datafree"),
+            log=lambda m: None)
+    with open(grown / synthesize.MANIFEST_FILE, "a", encoding="utf-8") as fh:  # synthesis went on
+        entry = json.loads((grown / synthesize.MANIFEST_FILE).read_text().splitlines()[0])
+        fh.write(json.dumps({**entry, "path": entry["path"].replace(".png", "-more.png")}) + "\n")
+    shutil.copy(grown / entry["path"], grown / entry["path"].replace(".png", "-more.png"))
+    assert len(read_synthetic_set(grown).samples) == 13
+    logged: list[str] = []
+    summary = distill(load_run_config(None, _overrides(grown, held, run, **{"train.epochs": 2, "train.resume": True}),
+                                      recipe="datafree"), log=logged.append)
+    assert any("resumed from" in m for m in logged)
+    assert summary["images_seen"] == 24  # 12 images, 2 epochs: the saved list
+
+
+def test_a_checkpoint_of_the_old_loop_loads_and_scores_as_that_code_did(tmp_path, monkeypatch):
+    folder = tmp_path / "old"
+    shutil.copytree(FIXTURE, folder)
+    checkpoint = next((folder / "student").glob("step-*.safetensors"))
+    expected = load_file(str(folder / "expected.safetensors"))
+    with pytest.raises(ExportError, match="'syn'.* cannot be read here. Restore that set"):
+        read_distilled(checkpoint)  # the class names are the set's, recorded by a relative path
+    monkeypatch.chdir(folder)
+    distilled = read_distilled(checkpoint)
+    assert distilled.method == "datafree" and distilled.class_names == list(CLASSES)
+    learner = rebuild_learner(distilled, build_timm_backbone(distilled.student_name), class_names=CLASSES)
+    mean = torch.tensor(learner.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(learner.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = learner((expected["images"] - mean) / std, distilled.teacher_vectors).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    out = folder / "exported.safetensors"
+    proc = _cli("export", str(checkpoint), "--out", str(out), cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["classes"] == 3
