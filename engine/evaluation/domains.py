@@ -261,7 +261,7 @@ def fine_tune(
     vectors = tuned.class_vectors if learner.scores_against_teacher else student_class_vectors(learner)
     record = {"images": int(len(shots.labels)), "steps": steps, "parameters": int(sum(p.numel() for p in params)),
               "loss": loss}
-    return StudentClassifier(learner, vectors, tuned.class_names), record
+    return StudentClassifier(learner, vectors, tuned.class_names).eval(), record
 
 
 # ------------------------------------------------------------------------------ the evaluation run

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 _spec = importlib.util.spec_from_file_location("_eval_data", Path(__file__).with_name("_eval_data.py"))
 data = importlib.util.module_from_spec(_spec)
@@ -100,6 +101,10 @@ def test_domains_refuses_what_it_cannot_evaluate(world, root, promptkd, tmp_path
     err = refused("--domains", mismatched, "--checkpoint", promptkd)
     assert "'clipart'" in err and "'tulip'" in err and "'zebra'" in err and "--data" in err
 
+    names = data.names_file(tmp_path / "names.txt", ["dog", "sea lion", "rose"])
+    err = refused("--domains", root, "--class-names", names, "--checkpoint", promptkd)
+    assert "'cartoon'" in err and "'rose'" in err
+
     (tmp_path / "none").mkdir()
     assert "no domain subfolders" in refused("--domains", tmp_path / "none")
     (tmp_path / "flat" / "art").mkdir(parents=True)
@@ -140,3 +145,30 @@ def test_few_shot_tunes_a_copy_reproducibly(world, root, kind, options, capsys):
     assert "few-shot student" in printed[0]
     assert any(line.startswith("photo *") for line in printed)
     assert any(line.startswith("average w/o photo") for line in printed)
+
+
+def test_fine_tune_moves_only_the_copys_trainable_parameters(world, root, promptkd):
+    from clipdistill.engine.evaluation.domains import FewShot, draw_domain_shots, fine_tune, scan_domains
+    from clipdistill.engine.evaluation.evaluate import LoaderSettings, distilled_classifier
+    from clipdistill.engine.evaluation.export import read_distilled
+    from clipdistill.engine.io import image_spec
+    from clipdistill.loaders.loader import OutputSpec
+
+    clip = world.student_clip()
+    distilled = distilled_classifier(read_distilled(promptkd), clip, DOMAIN_CLASSES, ["a photo of a {}."],
+                                     teacher=world.teacher())
+    before = {k: v.clone() for k, v in distilled.state_dict().items()}
+    few_shot = FewShot(2, epochs=2, lr=0.05)
+    shots = draw_domain_shots(scan_domains(root)[1], None, few_shot)
+    tuned, record = fine_tune(distilled, shots, OutputSpec("student", *image_spec(clip)), few_shot,
+                              LoaderSettings(batch_size=4, workers=1))
+
+    assert record["images"] == 6 and record["steps"] == 4
+    for key, value in distilled.state_dict().items():  # the original is untouched
+        assert torch.equal(value, before[key]), key
+    trainable = {f"learner.{name}" for name in tuned.learner.trainable_parameters()}
+    assert trainable and tuned.learner.clip is not clip and not tuned.training and not tuned.learner.training
+    moved = {k for k, v in tuned.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    # exactly the trainable parameters move (and the projector's batch-norm statistics, in training mode)
+    assert trainable <= moved and all(k in trainable or "running_" in k or "num_batches" in k for k in moved)
+    assert torch.equal(tuned.class_vectors, distilled.class_vectors)  # the teacher's class vectors stay
