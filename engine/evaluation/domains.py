@@ -230,7 +230,8 @@ def fine_tune(
     loss = float("nan")
     bar = progress_bar(total=steps, desc="few-shot", unit="step", leave=False)
     # A seeded generator for what the learner draws in training mode (dropout); the caller's is kept.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(few_shot.seed)
         learner.train()
         try:
