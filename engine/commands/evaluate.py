@@ -1,4 +1,4 @@
-"""``clipdistill eval``: zero-shot, base-to-novel, cross-dataset and agreement reports."""
+"""``clipdistill eval``: zero-shot, base-to-novel, cross-dataset, agreement and out-of-distribution reports."""
 from __future__ import annotations
 
 import argparse

@@ -201,8 +201,9 @@ def fine_tune(
 ) -> tuple[StudentClassifier, dict[str, Any]]:
     """A fine-tuned copy of ``distilled`` (see the module docstring) and what was done.
 
-    ``distilled`` is not changed: the copy owns its learner and backbone. ``output`` is the
-    loader output the student reads (its size, mean and std).
+    ``distilled`` is not changed: the copy owns its learner and backbone (a second copy of the
+    student's weights in memory). ``output`` is the loader output the student reads (its size,
+    mean and std).
 
     Returns:
         (the tuned student in eval mode, ``{"images", "steps", "parameters", "loss"}``: the
@@ -256,8 +257,6 @@ def fine_tune(
         finally:
             learner.eval()
             bar.close()
-    for p in params:
-        p.requires_grad_(False)
     # the stored class features of a KDPL learner came from the prompts before tuning: recompute them
     vectors = tuned.class_vectors if learner.scores_against_teacher else student_class_vectors(learner)
     record = {"images": int(len(shots.labels)), "steps": steps, "parameters": int(sum(p.numel() for p in params)),

@@ -29,6 +29,8 @@ Protocols (see shared/PAPERS.md):
   *base*, the rest *novel*; each half is evaluated among its own classes only (its images,
   its columns of the logits), and HM = 2·base·novel / (base + novel).
 - *Cross-dataset*: one student on several labeled folders, one table, and the average.
+- *Out-of-distribution domains* (``--domains``, :mod:`.domains`): the folders of one dataset's
+  domains, with one class list, on this machinery; optionally after few-shot fine-tuning.
 - *Agreement and KL on unlabeled images*: the fraction of images where teacher and student
   pick the same class (percent) and the mean KL(p_teacher‖p_student) in nats. The
   teacher's logits use the recipe's scale: the student's logit scale for KDPL (as KDPL
