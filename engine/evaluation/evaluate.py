@@ -29,6 +29,8 @@ Protocols (see shared/PAPERS.md):
   *base*, the rest *novel*; each half is evaluated among its own classes only (its images,
   its columns of the logits), and HM = 2·base·novel / (base + novel).
 - *Cross-dataset*: one student on several labeled folders, one table, and the average.
+- *Out-of-distribution domains* (``--domains``, :mod:`.domains`): the folders of one dataset's
+  domains, with one class list, on this machinery; optionally after few-shot fine-tuning.
 - *Agreement and KL on unlabeled images*: the fraction of images where teacher and student
   pick the same class (percent) and the mean KL(p_teacher‖p_student) in nats. The
   teacher's logits use the recipe's scale: the student's logit scale for KDPL (as KDPL
@@ -71,7 +73,7 @@ from clipdistill.loaders.views import CenterCrop, counter_hash
 
 REPORT_FORMAT = "clipdistill-eval/1"
 MODEL_LABELS = {"teacher": "teacher", "student_zero_shot": "zero-shot student",
-                "student_distilled": "distilled student"}
+                "student_distilled": "distilled student", "student_few_shot": "few-shot student"}
 
 
 class EvalInputError(ValueError):
@@ -190,11 +192,14 @@ class Classifier:
     """A model that scores images against a fixed list of classes.
 
     ``logits``: images (B, 3, S, S) from the loader output named ``input`` -> (B, C) float32.
+    ``module``: the module behind ``logits`` when there is one (a distilled student's
+    :class:`~clipdistill.engine.export.StudentClassifier`), for a caller that copies it.
     """
 
     name: str
     input: str
     logits: Callable[[torch.Tensor], torch.Tensor]
+    module: Optional[torch.nn.Module] = None
 
 
 def teacher_classifier(teacher, class_vectors: torch.Tensor, *, logit_scale: Optional[float] = None,
@@ -225,7 +230,7 @@ def zero_shot_classifier(clip, class_vectors: torch.Tensor, *, name: str = "stud
 
 def module_classifier(module: Callable[[torch.Tensor], torch.Tensor], *, name: str = "student_distilled",
                       input: str = "student") -> Classifier:
-    return Classifier(name, input, lambda images: module(images).float())
+    return Classifier(name, input, lambda images: module(images).float(), module)
 
 
 # ------------------------------------------------------------------------------ running over images
@@ -671,10 +676,15 @@ def _report_header(models: _LoadedModels, settings: LoaderSettings, base_to_nove
 
 
 def _evaluate_dataset(folder: LabeledFolder, templates: list[str], models: _LoadedModels, settings: LoaderSettings,
-                      base_to_novel: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """The report's entry for one labeled folder: top-1 of every model (and base/novel/HM)."""
+                      base_to_novel: bool, log: Callable[[str], None],
+                      classifiers: Optional[list[Classifier]] = None) -> dict[str, Any]:
+    """The report's entry for one labeled folder: top-1 of every model (and base/novel/HM).
+
+    ``classifiers``: made for ``folder.class_names`` already (folders that share their names, the
+    domains of :mod:`.domains`, share them); None: made here."""
     log(f"clipdistill eval: {folder.name}: {len(folder.class_names)} classes, {len(folder.samples)} images")
-    classifiers = models.classifiers(folder.class_names, templates)
+    if classifiers is None:
+        classifiers = models.classifiers(folder.class_names, templates)
     result = evaluate_labeled(folder, classifiers, models.outputs, base_to_novel=base_to_novel, settings=settings)
     entry: dict[str, Any] = {
         "name": folder.name, "folder": folder.root, "classes": len(folder.class_names),
@@ -736,16 +746,27 @@ def format_report(report: dict) -> str:
     models = list(report.get("models", {}))
     datasets = report.get("datasets", [])
     if datasets:
-        width = max(len("base / novel / HM (%)"), *(len(d["name"]) for d in datasets))
+        # --domains --few-shot: the source domain is starred, and the other domains' average is a row
+        few_shot = (report.get("domains") or {}).get("few_shot")
+        source = few_shot["domain"] if few_shot else None
+        names = {d["name"]: d["name"] + (" *" if d["name"] == source else "") for d in datasets}
+        other_row = f"average w/o {source}" if few_shot else ""
+        width = max(len("base / novel / HM (%)"), len(other_row), *(len(n) for n in names.values()))
         cols = [max(10, len(MODEL_LABELS[m])) for m in models]
         lines.append("top-1 accuracy (%)".ljust(width) + "  " + "  ".join(
             MODEL_LABELS[m].rjust(c) for m, c in zip(models, cols)) + "  images")
         for d in datasets:
-            lines.append(d["name"].ljust(width) + "  " + "  ".join(
+            lines.append(names[d["name"]].ljust(width) + "  " + "  ".join(
                 _fmt(d["top1"].get(m), c) for m, c in zip(models, cols)) + f"  {d['images']}")
         if "cross_dataset" in report:
             avg = report["cross_dataset"]["average"]
             lines.append("average".ljust(width) + "  " + "  ".join(_fmt(avg.get(m), c) for m, c in zip(models, cols)))
+        if few_shot:
+            avg = few_shot["average_other_domains"]
+            lines.append(other_row.ljust(width) + "  " + "  ".join(_fmt(avg.get(m), c) for m, c in zip(models, cols)))
+            lines.append(f"* few-shot source: {few_shot['shots']} images per class of {few_shot['domain']} "
+                         f"(seed {few_shot['seed']}), {few_shot['epochs']} epochs of AdamW at lr {few_shot['lr']:g}; "
+                         f"the other domains' average is the out-of-distribution figure")
         if datasets[0].get("base_to_novel"):
             lines.append("")
             col = 22
