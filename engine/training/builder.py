@@ -167,9 +167,11 @@ def _student(cfg: RunConfig, class_names: list[str], templates: list[str], teach
             backbone = build_timm_backbone(cfg.student.name, cfg.student.weights)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        learner = TimmStudent(backbone, teacher_dim, logit_scale=teacher_logit_scale,
-                              **cfg.learner.options).to(where.device)
-        return sync_batch_norm(learner) if where.world > 1 else learner
+        # Over several ranks its batch norms keep per-rank statistics, as DDP without SyncBatchNorm:
+        # timm's norm layers (BatchNormAct2d: norm, activation, drop) are not plain batch norms that
+        # sync_batch_norm could take over. The gradients are still summed over the ranks.
+        return TimmStudent(backbone, teacher_dim, logit_scale=teacher_logit_scale,
+                           **cfg.learner.options).to(where.device)
     student_clip = build_student(cfg.student.name, cfg.student.weights, device=where.device,
                                  precision=cfg.student.precision or "fp32")
     if cfg.learner.kind == "promptsrc" and cfg.learner.frozen_templates:

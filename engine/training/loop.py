@@ -1,10 +1,10 @@
 """The one optimizer core of every training loop: learning rate, accumulation, clipping, the step.
 
-Four loops train something here: distillation (:class:`~clipdistill.engine.training.trainer.Trainer`),
-PromptKD's teacher tuning (:mod:`.tune_teacher`), data-free distillation of a timm student
-(:mod:`clipdistill.engine.datafree.student`; now the Trainer runs it) and the demo's CLIP pretraining
-(:mod:`clipdistill.engine.commands.demo`). What they feed a step differs (image views and a
-teacher, labeled shots, synthetic images, image-caption pairs) and so does what they report;
+Four loops train something here: distillation (:class:`~clipdistill.engine.training.trainer.Trainer`,
+every recipe, the data-free timm student's included), PromptKD's teacher tuning (:mod:`.tune_teacher`),
+few-shot fine-tuning in evaluation (:mod:`clipdistill.engine.evaluation.domains`) and the demo's CLIP
+pretraining (:mod:`clipdistill.engine.commands.demo`). What they feed a step differs (image views and
+a teacher, labeled shots, image-caption pairs) and so does what they report;
 what happens after the loss is the same and lives here once::
 
     core = OptimizerCore(make_optimizer(params, name="adamw", lr=1e-3), params, base_lr=1e-3,

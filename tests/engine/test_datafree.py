@@ -465,10 +465,17 @@ def test_readme_data_free_commands_parse():
     block = readme.split("### Data-free distillation", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("clipdistill ")]
     assert [ln.split()[1] for ln in lines] == ["convert-vqgan", "synthesize", "synthesize", "datafree-report",
-                                               "distill-datafree", "datafree-eval"]
+                                               "distill", "eval", "export", "predict"]
     parser = build_parser()
     for line in lines:
         args = parser.parse_args(shlex.split(line)[1:])
         assert callable(args.func)
         if args.command == "synthesize":
             assert args.generator == "vqgan" and args.vqgan and args.augment == "vqgan-clip"
+        if args.command == "distill":  # the overrides make a valid datafree run config
+            from clipdistill.engine.commands.distill import run_config_from_args
+
+            cfg = run_config_from_args(args)
+            assert cfg.method == "datafree" and cfg.data.train == "syn/" and cfg.data.heldout == "held/"
+        if args.command == "eval":
+            assert args.domains and args.few_shot == 5 and args.checkpoint.endswith("best.safetensors")

@@ -264,3 +264,44 @@ def test_a_checkpoint_of_the_old_loop_loads_and_scores_as_that_code_did(tmp_path
     proc = _cli("export", str(checkpoint), "--out", str(out), cwd=folder)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["classes"] == 3
+
+
+def _tinted_domains(root: Path, contrasts=(0.6, 0.3)) -> Path:
+    """ROOT/<domain>/<class>/<images>: each class a hue in noise (folder sea_lion for "sea lion")."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for d, contrast in enumerate(contrasts):
+        for c, name in enumerate(CLASSES):
+            folder = root / f"domain{d}" / name.replace(" ", "_")
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.uniform(0, 255 * (1 - contrast), (36, 40, 3))
+                pixels[..., c] += 255 * contrast
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_the_student_is_judged_per_domain_and_after_few_shot_tuning(sets, tmp_path):
+    train, held = sets
+    run = tmp_path / "run"
+    distill(load_run_config(None, _overrides(train, held, run), recipe="datafree"), log=lambda m: None)
+    best = run / "best.safetensors"
+    before = best.read_bytes()
+    root = _tinted_domains(tmp_path / "domains")
+    common = ("--checkpoint", str(best), "--device", "cpu", "--workers", "1", "--batch-size", "4")
+    proc = _cli("eval", "--domains", str(root), *common, "--few-shot", "2", "--few-shot-epochs", "3",
+                "--few-shot-lr", "0.01", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["models"]) == {"teacher", "student_distilled", "student_few_shot"}
+    assert [d["name"] for d in report["datasets"]] == ["domain0", "domain1"]
+    assert report["domains"]["few_shot"]["domain"] == "domain0"
+    assert set(report["domains"]["few_shot"]["average_other_domains"]) >= {"student_distilled", "student_few_shot"}
+    # each domain's figures are eval --data's on that folder alone
+    for entry in report["datasets"]:
+        alone = _cli("eval", "--data", str(root / entry["name"]), *common, cwd=tmp_path)
+        assert alone.returncode == 0, alone.stderr
+        single = json.loads(alone.stdout.strip().splitlines()[-1])["datasets"][0]["top1"]
+        assert single == {k: v for k, v in entry["top1"].items() if k != "student_few_shot"}
+    assert best.read_bytes() == before  # the tuning works on a copy

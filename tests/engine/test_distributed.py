@@ -773,3 +773,40 @@ def test_tuned_teacher_with_deepspeed_equals_one_process(tuned_teacher_file, sha
     _run_in_process(config(tmp_path / "one"))
     # PromptKD's loss (kd_weight 1000) amplifies float32 reduction-order noise, as in the conv_bn test.
     _assert_same_run(tmp_path / "two", tmp_path / "one", steps=4, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow  # DeepSpeed's start on 2 ranks: about 90 s on 2 cores; the slow tier runs it in CI
+@pytest.mark.distributed
+def test_datafree_recipe_on_two_ranks_with_a_sharded_teacher(tmp_path):
+    """distill --recipe datafree over 2 ranks with the ZeRO-3 teacher: the run finishes, the sharded
+    random-init teacher is the synthetic set's (its class vectors equal a single process's), and the
+    student trains data-parallel (every rank takes the same steps)."""
+    pytest.importorskip("deepspeed", reason="the distributed tier needs DeepSpeed: pip install -e '.[deepspeed]'")
+    from clipdistill.engine.datafree import synthesize
+    from clipdistill.engine.models import TINY_TEACHER, get_tokenizer
+
+    plan = synthesize.SynthesisPlan(teacher=TINY_TEACHER, teacher_weights=None, class_names=("cat", "dog"),
+                                    diversifier="random", generator="fourier", per_class=4, seed=0, steps=2,
+                                    n_cutouts=2)
+    synthesize.synthesize(plan, tmp_path / "syn", synthesize.load_teacher(TINY_TEACHER, None, "cpu"),
+                          get_tokenizer(TINY_TEACHER), batch_size=8, progress=False)
+    keys = ["--recipe", "datafree", f"data.train={tmp_path / 'syn'}", "student.name=test_efficientnet",
+            "learner.options.image_size=32", "data.batch_size=4", "data.backend=torch", "data.workers=1",
+            "train.epochs=2", "train.checkpoint_every=2", "train.progress=false"]
+    ds = _ds_file(tmp_path, DS_CONFIG)
+    _torchrun(2, ["-m", "clipdistill.engine.cli", "distill", *keys, f"train.out_dir={tmp_path / 'two'}",
+                  f"deepspeed={ds}"], cwd=tmp_path)
+    two = _final_state(tmp_path / "two")
+    assert two["step"] == 4 and two["config"]["method"] == "datafree"
+    assert all(torch.isfinite(t).all() for t in two["learner"].values() if t.is_floating_point())
+    assert all(m["images_seen"] == 4 * m["step"] for m in _metrics(tmp_path / "two"))  # both ranks' rows count
+    one_cfg = ["distill", *keys, "train.max_steps=1", f"train.out_dir={tmp_path / 'one'}"]
+    proc = subprocess.run([str(Path(sys.executable).with_name("clipdistill")), *one_cfg], cwd=tmp_path,
+                          env=_launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    one = _final_state(tmp_path / "one")
+    vectors_two, _ = ckpt.load_class_vectors(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"),
+                                             two["class_vectors"])
+    vectors_one, _ = ckpt.load_class_vectors(ckpt.latest_checkpoint(tmp_path / "one" / "checkpoints"),
+                                             one["class_vectors"])
+    torch.testing.assert_close(vectors_two, vectors_one)
