@@ -310,12 +310,13 @@ def synthesize(
 RANDOM_TEACHER_SEED = 0
 
 
-def load_teacher(name: str, weights: Optional[str], device: str):
+def load_teacher(name: str, weights: Optional[str], device, *, precision: Optional[str] = None):
     """The frozen teacher; a random-init one (``weights=None``, for smoke tests) is built from a
-    fixed seed so that ``synthesize``, ``distill-datafree`` and the evaluation all see the same one."""
+    fixed seed so that ``synthesize``, the data-free run, its teacher cache and the evaluation all
+    see the same one."""
     if weights is not None:
-        return build_teacher(name, weights, device=device)
+        return build_teacher(name, weights, device=device, precision=precision)
     log.warning("teacher %s has random weights (no --teacher-weights): fine for smoke tests only", name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_TEACHER_SEED)
-        return build_teacher(name, None, device=device)
+        return build_teacher(name, None, device=device, precision=precision)

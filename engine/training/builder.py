@@ -8,7 +8,6 @@ training run's by construction.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,9 +18,8 @@ from torch import nn
 
 from clipdistill.engine.config.run import RunConfig, dump_run_config, resume_config
 from clipdistill.engine.config.schema import ConfigError
-from clipdistill.engine.datafree.dataset import is_synthetic_set, read_synthetic_set
 from clipdistill.engine.datafree.student import TimmStudent, build_timm_backbone, student_image_spec
-from clipdistill.engine.datafree.synthesize import RANDOM_TEACHER_SEED
+from clipdistill.engine.datafree.synthesize import RANDOM_TEACHER_SEED, load_teacher
 from clipdistill.engine.distill.metrics import base_novel_split
 from clipdistill.engine.distill.step import DistillStep
 from clipdistill.engine.evaluation.evaluate import holdout_split, scan_labeled_folder
@@ -37,10 +35,11 @@ from clipdistill.engine.training.checkpoint import (CheckpointError, latest_chec
                                                     load_checkpoint_config, read_checkpoint_run_id)
 from clipdistill.engine.training.data import heldout_transform, image_loader, training_transform
 from clipdistill.engine.training.run_dir import read_identity
+from clipdistill.engine.training.sources import datafree_config, image_source
 from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCache, run_key
 from clipdistill.engine.training.tune_teacher import draw_shots
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
-from clipdistill.loaders.sources import SampleList, resolve_source
+from clipdistill.loaders.sources import SampleList
 
 ImageSpec = tuple[int, tuple, tuple]  # (side, mean, std) of a model's input
 from clipdistill.loaders.views import ReplayViews
@@ -144,15 +143,13 @@ def _live_teacher(cfg: RunConfig, class_names: list[str], templates: list[str],
                                      cache_dir=cache, device=where.device)
 
     # A random-init data-free teacher (smoke tests) is the one `clipdistill synthesize` made the set with.
-    seed = RANDOM_TEACHER_SEED if cfg.method == "datafree" else cfg.train.seed
+    datafree = cfg.method == "datafree"
     if where.ds_config is not None:
         return zero.build_sharded_teacher(cfg.teacher.name, cfg.teacher.weights, where.ds_config,
-                                          device=where.device, class_vectors=class_vectors, seed=seed)
-    with torch.random.fork_rng(devices=[], enabled=cfg.method == "datafree"):
-        if cfg.method == "datafree":
-            torch.manual_seed(seed)
-        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=where.device,
-                                precision=cfg.teacher.precision)
+                                          device=where.device, class_vectors=class_vectors,
+                                          seed=RANDOM_TEACHER_SEED if datafree else cfg.train.seed)
+    build = load_teacher if datafree else build_teacher
+    teacher = build(cfg.teacher.name, cfg.teacher.weights, device=where.device, precision=cfg.teacher.precision)
     # Computed (and cached) on rank 0 only, then shared; a plain call in a single process.
     return teacher, launch.broadcast_from_rank0(lambda: class_vectors(teacher), where.device)
 
@@ -230,53 +227,6 @@ def labeled_selection(cfg: RunConfig, log: Callable[[str], None] = print):
     return list(names), samples
 
 
-def image_source(path: str, key: str, *, lists: str, resuming: bool, synthetic=None) -> SampleList:
-    """The images of ``path`` (config key ``key``): a synthetic set's manifest, or any loader source.
-
-    A synthetic set's list is saved under ``lists`` when a run starts and read back when it
-    resumes, so a set that grew since (synthesis still running) does not change a resumed run's
-    images; any other source is :func:`resolve_source`'s (which saves and revalidates its lists).
-    """
-    if synthetic is None and not is_synthetic_set(path):
-        return resolve_source(path, cache_dir=lists, keep_saved=resuming)
-    saved = Path(lists) / f"{key.replace('.', '_')}-synthetic.txt"
-    if resuming and saved.is_file():
-        return SampleList.load(saved)
-    samples = (synthetic or read_synthetic_set(path, what=key)).samples
-    samples.save(saved)
-    return samples
-
-
-def _datafree_config(cfg: RunConfig, log: Callable[[str], None]):
-    """The data-free run's config and its synthetic set (None when data.train is another source).
-
-    The set's plan names the teacher it was made with; unless the user set ``teacher.name`` or
-    ``teacher.weights``, that teacher is the run's (the recipe's default is only a default). Class
-    names come from the plan unless ``data.class_names`` is set; another source needs them.
-    """
-    if not is_synthetic_set(cfg.data.train):
-        if not cfg.data.class_names:
-            raise ConfigError(f"data.train={cfg.data.train!r} is not a synthetic set (clipdistill synthesize "
-                              f"makes one): give its class names in data.class_names, or train on a synthetic set")
-        return cfg, None
-    synthetic = read_synthetic_set(cfg.data.train, what="data.train")
-    plan = synthetic.plan
-    made_with = (plan.teacher, plan.teacher_weights)
-    if (cfg.teacher.name, cfg.teacher.weights) != made_with:
-        explicit = cfg.explicit_keys
-        if explicit is not None and not explicit & {"teacher.name", "teacher.weights"}:
-            explicit_keys = explicit
-            cfg = copy.deepcopy(cfg)
-            cfg.teacher.name, cfg.teacher.weights = made_with
-            cfg.explicit_keys = explicit_keys
-            log(f"clipdistill: teacher {plan.teacher} ({plan.teacher_weights}), the one data.train was synthesized "
-                f"with (set teacher.name / teacher.weights to distill from another)")
-        else:
-            log(f"clipdistill: WARNING: data.train was synthesized with teacher {plan.teacher} "
-                f"({plan.teacher_weights}); distilling from {cfg.teacher.name} ({cfg.teacher.weights})")
-    return cfg, synthetic
-
-
 def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
     """Turn a config into models, class vectors, the step and the loaders (the one builder)."""
     if cfg.train.resume:
@@ -285,7 +235,7 @@ def build_run(cfg: RunConfig, *, log: Callable[[str], None] = print) -> Run:
         raise ConfigError("data.train: no image source given (a folder, a list file or tar shards)")
     synthetic = None
     if cfg.method == "datafree":
-        cfg, synthetic = _datafree_config(cfg, log)
+        cfg, synthetic = datafree_config(cfg, log)
     selected = None
     if synthetic is not None and not cfg.data.class_names:
         class_names = synthetic.class_names

@@ -52,12 +52,13 @@ from torch import nn
 from tqdm import tqdm
 
 from clipdistill.engine.config.schema import ConfigError
+from clipdistill.engine.datafree.synthesize import load_teacher
 from clipdistill.engine.io import image_spec, read_class_names, read_templates, resolve_device
 from clipdistill.engine.models.class_vectors import teacher_class_vectors, weights_fingerprint
 from clipdistill.engine.models.clip import build_teacher, get_tokenizer
 from clipdistill.engine.training.data import image_loader, training_transform
+from clipdistill.engine.training.sources import datafree_config, image_source
 from clipdistill.loaders.loader import OutputSpec
-from clipdistill.loaders.sources import resolve_source
 from clipdistill.loaders.views import VIEWS_VERSION, sample_views
 
 FORMAT = "clipdistill-teacher-cache/1"
@@ -216,15 +217,22 @@ def build_teacher_cache(cfg, *, views: int, out: str | Path, shard_size: int = 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, device=device, precision=cfg.teacher.precision)
+    synthetic = None
+    if cfg.method == "datafree":  # the synthetic set's teacher and class names, as the run takes them
+        cfg, synthetic = datafree_config(cfg, log)
+    build = load_teacher if cfg.method == "datafree" else build_teacher
+    teacher = build(cfg.teacher.name, cfg.teacher.weights, device=device, precision=cfg.teacher.precision)
     input_spec = image_spec(teacher.model)
-    # The cache's own list: an interrupted build continues on it (a changed folder is reported).
-    samples = resolve_source(cfg.data.train, cache_dir=out / "lists", keep_saved=True)
+    # The cache's own list: an interrupted build continues on it (a changed folder is reported); a
+    # synthetic set's is its manifest's, as the run's.
+    samples = image_source(cfg.data.train, "data.train", lists=str(out / "lists"), resuming=True, synthetic=synthetic)
     key = run_key(cfg, num_views=views, teacher_dim=teacher.model.visual.output_dim, samples=samples,
                   input_spec=input_spec)
     _claim(out, key)
-    if cfg.data.class_names:
-        teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), read_class_names(cfg.data.class_names),
+    names = read_class_names(cfg.data.class_names) if cfg.data.class_names else (
+        synthetic.class_names if synthetic is not None else None)
+    if names:
+        teacher_class_vectors(teacher, get_tokenizer(cfg.teacher.name), names,
                               read_templates(cfg.data.templates), model_name=cfg.teacher.name,
                               weights=cfg.teacher.weights, cache_dir=out / "class_vectors", device=device)
     shards = _ShardWriter(out, teacher, samples, views=views, dim=key.dim, seed=cfg.train.seed,

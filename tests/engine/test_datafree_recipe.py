@@ -305,3 +305,23 @@ def test_the_student_is_judged_per_domain_and_after_few_shot_tuning(sets, tmp_pa
         single = json.loads(alone.stdout.strip().splitlines()[-1])["datasets"][0]["top1"]
         assert single == {k: v for k, v in entry["top1"].items() if k != "student_few_shot"}
     assert best.read_bytes() == before  # the tuning works on a copy
+
+
+def test_a_teacher_cache_of_the_set_replays_the_live_teachers_run(sets, tmp_path):
+    """cache-teacher on a synthetic set (its manifest's images, its teacher and names), then the run on it:
+    the same losses as the live teacher's run (the cache stores features in half precision)."""
+    from clipdistill.engine.training.teacher_cache import build_teacher_cache
+
+    train, held = sets
+    keys = [k for k in _overrides(train, held, tmp_path / "live", **{"train.epochs": 1}) if "heldout" not in k]
+    summary = build_teacher_cache(load_run_config(None, keys, recipe="datafree"), views=1, out=tmp_path / "cache",
+                                  log=lambda m: None, progress=False)
+    assert summary["images"] == 12 and summary["complete"]
+    distill(load_run_config(None, keys, recipe="datafree"), log=lambda m: None)
+    cached = [*keys, f"teacher.cache={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'cached'}"]
+    distill(load_run_config(None, cached, recipe="datafree"), log=lambda m: None)
+
+    def losses(run):
+        return [json.loads(x)["loss/kd"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "live"), rel=2e-3)
