@@ -10,6 +10,8 @@ import yaml
 
 from clipdistill.engine.commands.common import check_run_inputs, reporter
 from clipdistill.engine.config.run import RECIPES, RunConfig, dump_run_config, load_run_config
+from clipdistill.engine.datafree.dataset import is_synthetic_set
+from clipdistill.engine.training.sources import datafree_config
 from clipdistill.engine.training.trainer import distill
 
 
@@ -34,6 +36,8 @@ def print_config(cfg: RunConfig) -> None:
 def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = run_config_from_args(args)
     if args.print_config:
+        if cfg.method == "datafree" and is_synthetic_set(cfg.data.train):
+            cfg, _ = datafree_config(cfg, log=lambda message: None)  # the set's teacher, as the run takes it
         print_config(cfg)
         return 0
     check_run_inputs(cfg)  # every path and name, before any model is built

@@ -325,3 +325,12 @@ def test_a_teacher_cache_of_the_set_replays_the_live_teachers_run(sets, tmp_path
         return [json.loads(x)["loss/kd"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "live"), rel=2e-3)
+
+
+def test_print_config_shows_the_sets_teacher_and_reads_back(sets, tmp_path):
+    train, held = sets
+    proc = _cli("distill", "--recipe", "datafree", f"data.train={train}", "--print-config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "run.yaml").write_text(proc.stdout)
+    cfg = load_run_config(str(tmp_path / "run.yaml"))
+    assert cfg.method == "datafree" and cfg.teacher.name == TINY_TEACHER and cfg.teacher.weights is None
