@@ -8,13 +8,11 @@ old commands run the recipe; a checkpoint of the old loop loads.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,10 @@ from clipdistill.engine.models import TINY_TEACHER, Teacher, get_tokenizer
 from clipdistill.engine.training import checkpoint as ckpt
 from clipdistill.engine.training.trainer import distill
 from clipdistill.kernels.kd_loss import kd_loss_reference
+
+_spec = importlib.util.spec_from_file_location("_kill", Path(__file__).with_name("_kill.py"))
+_kill = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_kill)
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "datafree_9a0249b"
 STUDENT = "test_efficientnet"
@@ -137,19 +139,8 @@ def test_sigkill_then_resume_equals_uninterrupted(sets, tmp_path):
     proc = _cli(*full, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     killed = [*common, "train.out_dir=" + str(tmp_path / "killed")]
-    exe = Path(sys.executable).parent / "clipdistill"
     kill_after = int(np.random.default_rng().integers(2, 7))  # of 9 steps
-    child = subprocess.Popen([str(exe), *killed], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and child.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
-            break
-        time.sleep(0.01)
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    _kill.run_then_sigkill(killed, cwd=tmp_path, metrics=tmp_path / "killed" / "metrics.jsonl", after_lines=kill_after)
     proc = _cli(*killed, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints"))

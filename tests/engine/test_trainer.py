@@ -5,12 +5,10 @@ The run configuration is the ``tiny_run_config`` factory of conftest.py, on its 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,10 @@ from clipdistill.engine.training import checkpoint as ckpt
 from clipdistill.engine.training.builder import build_run
 from clipdistill.engine.training.trainer import NonFiniteLossError, Trainer, distill
 from clipdistill.loaders.loader import dali_available
+
+_spec = importlib.util.spec_from_file_location("_kill", Path(__file__).with_name("_kill.py"))
+_kill = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_kill)
 
 LEARNER_OPTIONS = {
     "coop": {"n_ctx": 2},
@@ -249,19 +251,9 @@ def test_sigkill_then_resume_equals_uninterrupted(shape_data, tiny_run_config, t
 
     killed_cfg = _write_config(tiny_run_config(shape_data, tmp_path / "killed", **sections),
                                tmp_path / "killed.yaml")
-    exe = Path(sys.executable).parent / "clipdistill"
     kill_after = int(np.random.default_rng().integers(2, steps - 2))  # a random step, as the issue asks
-    child = subprocess.Popen([str(exe), "distill", "--config", str(killed_cfg)], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and child.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
-            break
-        time.sleep(0.01)
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    _kill.run_then_sigkill(["distill", "--config", str(killed_cfg)], cwd=tmp_path,
+                           metrics=tmp_path / "killed" / "metrics.jsonl", after_lines=kill_after)
     killed_at = max(s for s, _ in ckpt.list_checkpoints(tmp_path / "killed" / "checkpoints"))
     proc = _cli("distill", "--config", str(killed_cfg), "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
