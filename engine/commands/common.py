@@ -27,11 +27,15 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from safetensors import safe_open
+
 from clipdistill.engine.config.run import RunConfig
+from clipdistill.engine.datafree.dataset import is_synthetic_set
 from clipdistill.engine.datafree.student import import_timm
 from clipdistill.engine.io import read_class_names, read_templates
 from clipdistill.engine.models.clip import CHECKPOINT_SUFFIXES, check_model
 from clipdistill.engine.training.checkpoint import CheckpointError
+from clipdistill.engine.training.sources import datafree_config
 from clipdistill.engine.training.trainer import NonFiniteLossError
 from clipdistill.loaders.sources import check_source
 
@@ -428,11 +432,18 @@ def check_timm_input(name: str, weights: Optional[str], *, name_key: str, weight
         require_file(weights, weights_key, "timm weights file (.safetensors)")
         if not str(weights).endswith(".safetensors"):
             raise InputError(f"{weights_key}: {weights!r}: the data-free student reads .safetensors weights only")
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors' own error types
+            raise InputError(f"{weights_key}: {weights!r} cannot be read as safetensors ({exc})") from exc
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
     """Everything a distillation run reads, checked before any model is built; errors name the key."""
     require_source(cfg.data.train, "data.train")
+    if cfg.method == "datafree" and is_synthetic_set(cfg.data.train):
+        cfg, _ = datafree_config(cfg, log=lambda message: None)  # the teacher the run will load
     if cfg.data.class_names or cfg.method != "datafree":  # datafree: the synthetic set names its classes
         check_class_names(cfg.data.class_names, "data.class_names")
     check_templates(cfg.data.templates, "data.templates")

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -37,13 +38,13 @@ from clipdistill.engine.commands.common import (InputError, add_checkpoint, add_
                                                 require_out_file, require_path)
 from clipdistill.engine.config.run import load_run_config
 from clipdistill.engine.datafree.convert_vqgan import convert_vqgan
-from clipdistill.engine.datafree.dataset import SyntheticImages
+from clipdistill.engine.datafree.dataset import SyntheticImages, read_synthetic_set
 from clipdistill.engine.datafree.diversify import DIVERSIFIERS
 from clipdistill.engine.datafree.generators import (CUTOUT_AUGMENTS, DEFAULT_AUGMENT, DEFAULT_GENERATOR, GENERATORS,
                                                     VQGAN_WEIGHTS_NEEDED)
 from clipdistill.engine.datafree.report import diversity_report
-from clipdistill.engine.datafree.synthesize import IMAGES_DIR, SynthesisPlan, load_teacher, synthesize
-from clipdistill.engine.evaluation.evaluate import LoaderSettings, run_evaluation
+from clipdistill.engine.datafree.synthesize import SynthesisPlan, load_teacher, synthesize
+from clipdistill.engine.evaluation.evaluate import Dataset, LoaderSettings, run_evaluation
 from clipdistill.engine.io import read_class_names, resolve_device
 from clipdistill.engine.models.clip import get_tokenizer
 from clipdistill.engine.progress import progress_enabled
@@ -51,10 +52,12 @@ from clipdistill.engine.training.checkpoint import latest_checkpoint
 from clipdistill.engine.training.trainer import distill as run_distillation
 
 
-def _add_teacher_arguments(parser: argparse.ArgumentParser, default: Optional[str]) -> None:
+def _add_teacher_arguments(parser: argparse.ArgumentParser, default: Optional[str],
+                           weights_help: str = "pretrained tag or local checkpoint (default: random init, for smoke "
+                                               "tests)") -> None:
     add_teacher(parser, default=default,
                 name_help="teacher open_clip model name" + ("" if default else " (default: the one the set was made with)"),
-                weights_help="pretrained tag or local checkpoint (default: random init, for smoke tests)")
+                weights_help=weights_help)
     add_device(parser, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 
@@ -145,7 +148,9 @@ def register(subparsers) -> None:
         if flag not in ("--data", "--out-dir", "--teacher", "--teacher-weights", "--device"):
             train.add_argument(flag, type=kind, default=None, help=f"sets {key} (default: the datafree recipe's)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    _add_teacher_arguments(train, None)
+    _add_teacher_arguments(train, None, weights_help="pretrained tag or local checkpoint (default: the set's teacher's "
+                                                     "weights when --teacher is the set's teacher or not given; else "
+                                                     "the datafree recipe's, openai)")
     train.set_defaults(func=run_distill)
 
     evaluate = subparsers.add_parser(
@@ -263,7 +268,7 @@ def run_distill(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     require_path(args.checkpoint, "--checkpoint", "checkpoint, run folder or export file")
     _require_set(args.data, "--data")
-    SyntheticImages(args.data)  # a synthetic set: its plan reads
+    held = read_synthetic_set(args.data, what="--data")
     _check_teacher(args)
     checkpoint = Path(args.checkpoint)
     if checkpoint.is_dir():  # a run folder: its best (held-out) student, else its newest checkpoint
@@ -273,11 +278,29 @@ def run_eval(args: argparse.Namespace) -> int:
             raise InputError(f"--checkpoint {args.checkpoint}: no checkpoint in that folder")
         checkpoint = found
     teacher = {k: v for k, v in (("name", args.teacher), ("weights", args.teacher_weights)) if v is not None} or None
-    report = run_evaluation(
-        [], distilled=str(checkpoint), teacher=teacher, student=None, use_teacher=True, base_to_novel=False,
-        unlabeled=str(Path(args.data) / IMAGES_DIR), unlabeled_class_names=None,
-        settings=LoaderSettings(args.batch_size, "torch", resolve_device(args.device, what="--device"), None, None),
-        log=reporter("datafree-eval"),
-    )
-    print(json.dumps(report["unlabeled"]))
+    with tempfile.TemporaryDirectory(prefix="datafree-eval-") as work:
+        # The manifest's images only, as the trainer's held-out scoring reads them, and as a labeled
+        # folder (links in one subfolder per class) for each model's top-1 against the class an image
+        # was made for, as the old command reported.
+        listed = Path(work) / "images.txt"
+        held.samples.save(listed)
+        labeled, names = Path(work) / "by_class", Path(work) / "classes.txt"
+        for i, label in enumerate(held.labels.tolist()):
+            folder = labeled / f"c{label:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            source = Path(held.samples.full_path(i))
+            (folder / f"{i:07d}{source.suffix}").symlink_to(source.resolve())
+        names.write_text("".join(f"c{j:05d}\t{name}\n" for j, name in enumerate(held.class_names)
+                                 if (labeled / f"c{j:05d}").is_dir()), encoding="utf-8")
+        report = run_evaluation(
+            [Dataset(str(labeled), str(names), None)], distilled=str(checkpoint), teacher=teacher, student=None,
+            use_teacher=True, base_to_novel=False, unlabeled=str(listed), unlabeled_class_names=None,
+            settings=LoaderSettings(args.batch_size, "torch", resolve_device(args.device, what="--device"), None,
+                                    None),
+            log=reporter("datafree-eval"),
+        )
+    unlabeled, top1 = report["unlabeled"], report["datasets"][0]["top1"]
+    print(json.dumps({**unlabeled["student_distilled"], "images": unlabeled["images"],
+                      "rejected": unlabeled["rejected"], "teacher_prompt_class_top1": top1["teacher"],
+                      "student_prompt_class_top1": top1["student_distilled"]}))
     return 0

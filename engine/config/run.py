@@ -191,6 +191,16 @@ class RunConfig:
             raise ConfigError(f"method 'datafree' and learner.kind={DATAFREE_KIND} go together (a timm student "
                               f"named by student.name), got method {self.method!r} with learner.kind "
                               f"{self.learner.kind!r}")
+        if self.method == "datafree":
+            ignored = {"data.shots": self.data.shots is not None, "data.base_classes_only": self.data.base_classes_only,
+                       "student.precision": self.student.precision is not None}
+            for key, is_set in ignored.items():
+                if is_set:
+                    raise ConfigError(f"{key} does not apply to the data-free recipe (a synthetic set's images, a "
+                                      f"timm student trained in float32 with train.precision's autocast): unset it")
+            size = self.learner.options.get("image_size")
+            if size is not None and size < 8:
+                raise ConfigError(f"learner.options.image_size must be >= 8 (the student's input side), got {size}")
         if self.loss.feature_weight < 0 or (self.loss.feature_weight and self.method != "datafree"):
             raise ConfigError(f"loss.feature_weight must be >= 0 and belongs to method 'datafree', got "
                               f"{self.loss.feature_weight} with method {self.method!r}")

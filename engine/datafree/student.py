@@ -56,10 +56,18 @@ def build_timm_backbone(name: str, weights: Optional[str] = None) -> nn.Module:
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ValueError(f"student.name {name!r} is not a timm model ({exc})") from exc
     if weights is not None:
-        state = load_file(weights)
-        missing, _ = backbone.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"student.weights {weights!r} does not fit timm {name!r}: missing {missing[:5]}")
+        try:
+            state = load_file(weights)
+        except Exception as exc:  # safetensors' own error types: a file that is not safetensors
+            raise ValueError(f"student.weights {weights!r} cannot be read as safetensors ({exc})") from exc
+        own = backbone.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} here, {tuple(own[k].shape)} in {name!r}" for k, v in state.items()
+                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        missing = [k for k in own if k not in state]
+        if wrong or missing:
+            raise ValueError(f"student.weights {weights!r} does not fit timm {name!r}: "
+                             + "; ".join(wrong[:3] + ([f"missing {missing[:5]}"] if missing else [])))
+        backbone.load_state_dict(state, strict=False)  # a classifier in the file is not part of the network
     return backbone
 
 
@@ -138,10 +146,25 @@ class TimmStudent(nn.Module):
         """
         if row_mask is not None and self.training and bool(row_mask.any()) and not bool(row_mask.all()):
             rows = row_mask.nonzero().squeeze(1)
-            real = self.head(self.encode_image(images.index_select(0, rows)).float())
+            real = self.head(self._encode_training(images.index_select(0, rows)).float())
             features = real.new_zeros(images.shape[0], real.shape[1]).index_copy(0, rows, real)
             return F.normalize(features, dim=-1)
-        return F.normalize(self.head(self.encode_image(images).float()), dim=-1)
+        return F.normalize(self.head(self._encode_training(images).float()), dim=-1)
+
+    def _encode_training(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_image`; a single image in training (an epoch's last batch, one shot) passes with
+        batch norm on its running statistics, since a batch norm over a 1x1 map of one image has no
+        statistics to take (torch refuses it)."""
+        if not (self.training and images.shape[0] == 1):
+            return self.encode_image(images)
+        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in norms:
+            m.eval()
+        try:
+            return self.encode_image(images)
+        finally:
+            for m in norms:
+                m.train()
 
     def forward(self, images: torch.Tensor, class_vectors: torch.Tensor) -> LearnerOutput:
         image_features = self.project(images)

@@ -404,6 +404,9 @@ def build_backbone(
         )
     if distilled.learner_kind == DATAFREE_KIND:
         # The data-free student trained its whole network: its weights are all in the learner state.
+        if student_weights is not None:
+            raise ExportError(f"{distilled.path} is a data-free student, whose whole network is in the file: "
+                              f"student weights ({student_weights}) do not apply")
         try:
             return build_timm_backbone(name, None).to(device)
         except ValueError as exc:

@@ -35,9 +35,11 @@ def image_source(path: str, key: str, *, lists: str, resuming: bool,
 def datafree_config(cfg: RunConfig, log: Callable[[str], None]) -> tuple[RunConfig, Optional[SyntheticSet]]:
     """The data-free run's config and its synthetic set (None when data.train is another source).
 
-    The set's plan names the teacher it was made with; unless the user set ``teacher.name`` or
-    ``teacher.weights``, that teacher is the run's (the recipe's default is only a default). Class
-    names come from the plan unless ``data.class_names`` is set; another source needs them.
+    The set's plan names the teacher it was made with; what the user did not set of ``teacher.name``
+    and ``teacher.weights`` comes from it (the recipe's teacher is only a default): neither set, the
+    set's teacher; the weights alone, other weights of the set's teacher; the set's teacher named
+    alone, its weights. Class names come from the plan unless ``data.class_names`` is set; another
+    source needs them.
     """
     if not is_synthetic_set(cfg.data.train):
         if not cfg.data.class_names:
@@ -46,17 +48,25 @@ def datafree_config(cfg: RunConfig, log: Callable[[str], None]) -> tuple[RunConf
         return cfg, None
     synthetic = read_synthetic_set(cfg.data.train, what="data.train")
     plan = synthetic.plan
-    made_with = (plan.teacher, plan.teacher_weights)
-    if (cfg.teacher.name, cfg.teacher.weights) != made_with:
-        explicit = cfg.explicit_keys
-        if explicit is not None and not explicit & {"teacher.name", "teacher.weights"}:
-            explicit_keys = explicit
-            cfg = copy.deepcopy(cfg)
-            cfg.teacher.name, cfg.teacher.weights = made_with
-            cfg.explicit_keys = explicit_keys
-            log(f"clipdistill: teacher {plan.teacher} ({plan.teacher_weights}), the one data.train was synthesized "
-                f"with (set teacher.name / teacher.weights to distill from another)")
-        else:
-            log(f"clipdistill: WARNING: data.train was synthesized with teacher {plan.teacher} "
-                f"({plan.teacher_weights}); distilling from {cfg.teacher.name} ({cfg.teacher.weights})")
+    explicit = cfg.explicit_keys
+    name_set = explicit is None or "teacher.name" in explicit
+    weights_set = explicit is None or "teacher.weights" in explicit
+    name = cfg.teacher.name if name_set else plan.teacher
+    if weights_set:
+        weights = cfg.teacher.weights  # alone: other weights of the set's teacher
+    elif name == plan.teacher:
+        weights = plan.teacher_weights
+    else:
+        weights = cfg.teacher.weights  # another teacher named without weights: the recipe's tag
+    if (name, weights) != (cfg.teacher.name, cfg.teacher.weights):
+        cfg = copy.deepcopy(cfg)
+        cfg.teacher.name, cfg.teacher.weights = name, weights
+        cfg.explicit_keys = explicit
+    if (name, weights) == (plan.teacher, plan.teacher_weights):
+        if not (name_set and weights_set):
+            log(f"clipdistill: teacher {name} ({weights}), the one data.train was synthesized with (set "
+                f"teacher.name / teacher.weights to distill from another)")
+    else:
+        log(f"clipdistill: WARNING: data.train was synthesized with teacher {plan.teacher} ({plan.teacher_weights}); "
+            f"distilling from {name} ({weights})")
     return cfg, synthetic

@@ -80,6 +80,8 @@ def test_the_recipe_trains_with_the_sets_teacher_and_names_and_selects_on_the_he
     # the whole network trains and is saved: backbone, batch-norm statistics, head, logit scale
     assert any(k.startswith("backbone.") and k.endswith("running_mean") for k in state["learner"])
     assert {"head.weight", "head.bias", "scale"} <= set(state["learner"])
+    teacher_scale = float(synthesize.load_teacher(TINY_TEACHER, None, "cpu").logit_scale)
+    assert float(state["learner"]["scale"]) == pytest.approx(teacher_scale)  # it scores at the teacher's scale
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "heldout/kl" in r] == [2, 4, 6]
     assert (tmp_path / "run" / "best.safetensors").is_file()
@@ -126,6 +128,19 @@ def test_padding_rows_stay_out_of_the_backbones_batch_statistics():
         assert torch.equal(a, b), name
 
 
+def test_a_single_image_in_training_passes_on_running_statistics():
+    """An epoch's last batch may hold one real image; a batch norm over its 1x1 map has no statistics."""
+    torch.manual_seed(0)
+    student = TimmStudent(build_timm_backbone(STUDENT), 8, image_size=32).train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    one = student.project(torch.randn(1, 3, 32, 32))
+    padded = student.project(torch.randn(3, 3, 32, 32), torch.tensor([False, True, False]))
+    assert torch.isfinite(one).all() and torch.isfinite(padded).all() and student.training
+    assert all(m.training for m in student.modules())  # the batch norms are back in training mode
+    for key, value in student.state_dict().items():  # and their statistics were not updated by it
+        assert torch.equal(value, before[key]), key
+
+
 def _cli(*args, cwd, timeout=600):
     exe = Path(sys.executable).parent / "clipdistill"
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -141,8 +156,10 @@ def test_sigkill_then_resume_equals_uninterrupted(sets, tmp_path):
     killed = [*common, "train.out_dir=" + str(tmp_path / "killed")]
     kill_after = int(np.random.default_rng().integers(2, 7))  # of 9 steps
     _kill.run_then_sigkill(killed, cwd=tmp_path, metrics=tmp_path / "killed" / "metrics.jsonl", after_lines=kill_after)
+    killed_at = max(step for step, _ in ckpt.list_checkpoints(tmp_path / "killed" / "checkpoints"))
     proc = _cli(*killed, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert killed_at == 9 or f"(step {killed_at})" in proc.stderr  # it resumed where the kill left it
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints"))
     b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints"))
     assert a["step"] == b["step"] == 9
@@ -194,10 +211,21 @@ def test_the_old_commands_run_the_recipe(sets, tmp_path):
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["method"] == "datafree" and config["data"]["heldout"] == str(held)
     assert config["loss"]["feature_weight"] == 0.1 and config["learner"]["options"] == {"image_size": 32}
+    # the set's teacher named alone keeps its (random-init) weights, as the old command's default
+    assert config["teacher"]["name"] == TINY_TEACHER and config["teacher"]["weights"] is None
+    proc = _cli("distill-datafree", "--data", str(train), "--out-dir", str(tmp_path / "t"), "--student", STUDENT,
+                "--image-size", "32", "--epochs", "1", "--batch-size", "6", "--teacher", TINY_TEACHER, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["teacher"]["weights"] is None
+    # a listed image only (not a stray file in the folder), agreement and each one's top-1 on the intended class
+    stray = next((held / "images").rglob("*.png"))
+    shutil.copy(stray, stray.with_name("not-listed.png"))
     proc = _cli("datafree-eval", "--checkpoint", str(tmp_path / "r"), "--data", str(held), cwd=tmp_path)
+    stray.with_name("not-listed.png").unlink()
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["images"] == 6 and 0 <= result["student_distilled"]["agreement"] <= 100
+    assert result["images"] == 6 and 0 <= result["agreement"] <= 100 and result["kl"] >= 0
+    assert 0 <= result["teacher_prompt_class_top1"] <= 100 and 0 <= result["student_prompt_class_top1"] <= 100
 
 
 def test_bad_inputs_are_named_before_any_model_is_built(sets, tmp_path):
@@ -205,6 +233,17 @@ def test_bad_inputs_are_named_before_any_model_is_built(sets, tmp_path):
     proc = _cli("distill", "--recipe", "datafree", *_overrides(train, held, tmp_path / "r", **{
         "student.name": "resnet_181"}), cwd=tmp_path)
     assert proc.returncode == 2 and "student.name: 'resnet_181' is not a timm model" in proc.stderr
+    for key in ("data.shots=2", "data.base_classes_only=true", "student.precision=fp16",
+                "learner.options.image_size=0"):
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            load_run_config(None, [key], recipe="datafree")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    proc = _cli("distill", "--recipe", "datafree", *_overrides(train, held, tmp_path / "j", **{
+        "student.weights": str(junk)}), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"clipdistill distill: error: student.weights: {str(junk)!r} cannot be read as safetensors (Error while "
+        f"deserializing header: header too large)"]
     with pytest.raises(ConfigError, match="method 'datafree' and learner.kind=timm go together"):
         load_run_config(None, ["learner.kind=coop"], recipe="datafree")
     with pytest.raises(ConfigError, match="data.heldout .* data.holdout_fraction"):
@@ -288,6 +327,8 @@ def test_the_student_is_judged_per_domain_and_after_few_shot_tuning(sets, tmp_pa
     assert set(report["models"]) == {"teacher", "student_distilled", "student_few_shot"}
     assert [d["name"] for d in report["datasets"]] == ["domain0", "domain1"]
     assert report["domains"]["few_shot"]["domain"] == "domain0"
+    whole = TimmStudent(build_timm_backbone(STUDENT), 48, image_size=32)
+    assert report["domains"]["few_shot"]["parameters"] == sum(p.numel() for p in whole.parameters())
     assert set(report["domains"]["few_shot"]["average_other_domains"]) >= {"student_distilled", "student_few_shot"}
     # each domain's figures are eval --data's on that folder alone
     for entry in report["datasets"]:
