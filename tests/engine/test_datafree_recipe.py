@@ -366,3 +366,15 @@ def test_print_config_shows_the_sets_teacher_and_reads_back(sets, tmp_path):
     (tmp_path / "run.yaml").write_text(proc.stdout)
     cfg = load_run_config(str(tmp_path / "run.yaml"))
     assert cfg.method == "datafree" and cfg.teacher.name == TINY_TEACHER and cfg.teacher.weights is None
+
+
+def test_the_diversity_report_runs_on_the_sets(sets, tmp_path):
+    train, held = sets
+    out = tmp_path / "report" / "diversity.json"
+    proc = _cli("datafree-report", str(train), str(held), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["sets"]) == {"contrastive/fourier", "mix/fourier"}
+    for entry in result["sets"].values():
+        assert set(entry["per_class"]) == set(CLASSES) and 0 <= entry["overall"] <= 2
+    assert result["plot"] and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
