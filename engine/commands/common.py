@@ -34,7 +34,7 @@ from clipdistill.engine.datafree.dataset import is_synthetic_set
 from clipdistill.engine.datafree.student import import_timm
 from clipdistill.engine.io import read_class_names, read_templates
 from clipdistill.engine.models.clip import CHECKPOINT_SUFFIXES, check_model
-from clipdistill.engine.training.checkpoint import CheckpointError
+from clipdistill.engine.training.checkpoint import CheckpointError, latest_checkpoint
 from clipdistill.engine.training.sources import datafree_config
 from clipdistill.engine.training.trainer import NonFiniteLossError
 from clipdistill.loaders.sources import check_source
@@ -177,6 +177,20 @@ def add_checkpoint(parser: argparse.ArgumentParser, *, help: str, required: bool
 def checkpoint_arg(args: argparse.Namespace) -> Optional[str]:
     """The checkpoint given by ``--checkpoint`` or, where allowed, positionally."""
     return getattr(args, "checkpoint", None) or getattr(args, "checkpoint_positional", None)
+
+
+def run_checkpoint(path: Optional[str], key: str) -> Optional[str]:
+    """A checkpoint file as given, or a run folder's: its ``best.safetensors`` (held-out selection),
+    else its newest checkpoint (also a folder of checkpoints itself); a folder without one is an
+    input error naming ``key``."""
+    if path is None or not Path(path).is_dir():
+        return path
+    folder = Path(path)
+    best = folder / "best.safetensors"
+    found = best if best.is_file() else latest_checkpoint(folder / "checkpoints") or latest_checkpoint(folder)
+    if found is None:
+        raise InputError(f"{key}: {path!r} is a folder without best.safetensors or a checkpoint")
+    return str(found)
 
 
 def add_out_file(parser: argparse.ArgumentParser, *, help: str, required: bool = True,
@@ -471,7 +485,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
 __all__ = [
     "EXIT_OK", "EXIT_RUNTIME", "EXIT_INPUT", "EXIT_NONFINITE", "EXIT_INTERRUPTED", "InputError",
     "exit_code_for", "one_line", "HelpFormatter", "add_old_spelling", "old_spelling_notes", "add_teacher",
-    "add_class_names", "add_checkpoint", "checkpoint_arg", "add_out_file", "add_out_dir", "add_device",
+    "add_class_names", "add_checkpoint", "checkpoint_arg", "run_checkpoint", "add_out_file", "add_out_dir", "add_device",
     "common_options", "verbosity", "configure_logging", "reporter", "named", "require_file", "require_dir",
     "require_path", "require_out_file", "require_out_dir", "require_source", "check_class_names",
     "check_templates", "check_model_input", "check_timm_input", "check_run_inputs",

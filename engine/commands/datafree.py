@@ -35,7 +35,7 @@ from typing import Optional
 from clipdistill.engine.commands.common import (InputError, add_checkpoint, add_class_names, add_device, add_out_dir,
                                                 add_out_file, add_teacher, check_model_input, check_run_inputs,
                                                 reporter, require_dir, require_file, require_out_dir,
-                                                require_out_file, require_path)
+                                                require_out_file, require_path, run_checkpoint)
 from clipdistill.engine.config.run import load_run_config
 from clipdistill.engine.datafree.convert_vqgan import convert_vqgan
 from clipdistill.engine.datafree.dataset import SyntheticImages, read_synthetic_set
@@ -48,7 +48,6 @@ from clipdistill.engine.evaluation.evaluate import Dataset, LoaderSettings, run_
 from clipdistill.engine.io import read_class_names, resolve_device
 from clipdistill.engine.models.clip import get_tokenizer
 from clipdistill.engine.progress import progress_enabled
-from clipdistill.engine.training.checkpoint import latest_checkpoint
 from clipdistill.engine.training.trainer import distill as run_distillation
 
 
@@ -270,13 +269,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _require_set(args.data, "--data")
     held = read_synthetic_set(args.data, what="--data")
     _check_teacher(args)
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():  # a run folder: its best (held-out) student, else its newest checkpoint
-        best = checkpoint / "best.safetensors"
-        found = best if best.is_file() else latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
-        if found is None:
-            raise InputError(f"--checkpoint {args.checkpoint}: no checkpoint in that folder")
-        checkpoint = found
+    checkpoint = run_checkpoint(args.checkpoint, "--checkpoint")
     teacher = {k: v for k, v in (("name", args.teacher), ("weights", args.teacher_weights)) if v is not None} or None
     with tempfile.TemporaryDirectory(prefix="datafree-eval-") as work:
         # The manifest's images only, as the trainer's held-out scoring reads them, and as a labeled
@@ -293,7 +286,7 @@ def run_eval(args: argparse.Namespace) -> int:
         names.write_text("".join(f"c{j:05d}\t{name}\n" for j, name in enumerate(held.class_names)
                                  if (labeled / f"c{j:05d}").is_dir()), encoding="utf-8")
         report = run_evaluation(
-            [Dataset(str(labeled), str(names), None)], distilled=str(checkpoint), teacher=teacher, student=None,
+            [Dataset(str(labeled), str(names), None)], distilled=checkpoint, teacher=teacher, student=None,
             use_teacher=True, base_to_novel=False, unlabeled=str(listed), unlabeled_class_names=None,
             settings=LoaderSettings(args.batch_size, "torch", resolve_device(args.device, what="--device"), None,
                                     None),

@@ -8,7 +8,8 @@ from typing import Optional
 
 from clipdistill.engine.commands.common import (InputError, add_checkpoint, add_class_names, add_device, add_out_file,
                                                 add_teacher, check_class_names, check_model_input, check_templates,
-                                                reporter, require_dir, require_out_file, require_path, require_source)
+                                                reporter, require_dir, require_out_file, require_path, require_source,
+                                                run_checkpoint)
 from clipdistill.engine.evaluation.domains import FewShot, run_domain_evaluation
 from clipdistill.engine.evaluation.evaluate import (Dataset, EvalInputError, LoaderSettings, format_report,
                                                     run_evaluation)
@@ -63,7 +64,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         check_class_names(names, "--class-names")
     for spec in args.templates or []:
         check_templates(spec, "--templates")
-    require_path(args.checkpoint, "--checkpoint", "checkpoint or export file")
+    require_path(args.checkpoint, "--checkpoint", "checkpoint, export file or run folder")
+    args.checkpoint = run_checkpoint(args.checkpoint, "--checkpoint")  # a run folder: its best, else newest
     if not args.no_teacher:
         check_model_input(args.teacher, args.teacher_weights, name_key="--teacher", weights_key="--teacher-weights")
     check_model_input(args.student, args.student_weights, name_key="--student", weights_key="--student-weights")

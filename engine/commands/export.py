@@ -10,7 +10,7 @@ import torch
 
 from clipdistill.engine.commands.common import (add_checkpoint, add_class_names, add_device, add_out_file,
                                                 check_class_names, check_templates, checkpoint_arg, require_file,
-                                                require_out_file, require_source)
+                                                require_out_file, require_path, require_source, run_checkpoint)
 from clipdistill.engine.evaluation.export import export_from_checkpoint, load_export, predict, read_distilled
 from clipdistill.engine.io import read_class_names, read_templates, resolve_device
 
@@ -21,7 +21,8 @@ def _device(spec: str) -> torch.device:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_arg(args)
-    require_file(checkpoint, "--checkpoint", "training checkpoint")
+    require_path(checkpoint, "--checkpoint", "training checkpoint or run folder")
+    checkpoint = run_checkpoint(checkpoint, "--checkpoint")  # a run folder: its best, else its newest
     check_class_names(args.class_names, "--class-names")
     check_templates(args.templates, "--templates")
     require_out_file(args.out)

@@ -179,8 +179,9 @@ def test_export_predict_and_eval_use_the_trained_student(sets, tmp_path):
     summary = distill(load_run_config(None, _overrides(train, held, run), recipe="datafree"), log=lambda m: None)
     best = ckpt.load_checkpoint(run / "best.safetensors")
     out = tmp_path / "student.safetensors"
-    proc = _cli("export", str(run / "best.safetensors"), "--out", str(out), cwd=tmp_path)
+    proc = _cli("export", str(run), "--out", str(out), cwd=tmp_path)  # a run folder: its best.safetensors
     assert proc.returncode == 0, proc.stderr
+    assert read_distilled(out).header["source"]["checkpoint"] == str((run / "best.safetensors").resolve())
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line["method"] == "datafree" and line["learner"] == "timm" and line["class_vectors"] == "teacher"
     # the export's class vectors are those the run trained against
