@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from clipdistill.engine.config.run import RunConfig
 from clipdistill.engine.datafree.dataset import is_synthetic_set
-from clipdistill.engine.datafree.student import import_timm
+from clipdistill.engine.datafree.student import build_timm_backbone, import_timm
 from clipdistill.engine.io import read_class_names, read_templates
 from clipdistill.engine.models.clip import CHECKPOINT_SUFFIXES, check_model
 from clipdistill.engine.training.checkpoint import CheckpointError, latest_checkpoint
@@ -434,9 +434,10 @@ def check_model_input(name: Optional[str], weights: Optional[str], *, name_key: 
 
 
 def check_timm_input(name: str, weights: Optional[str], *, name_key: str, weights_key: str) -> None:
-    """A timm model name (the data-free student) and its weights (None or an existing .safetensors file).
+    """A timm model name (the data-free student) and its weights (None, or a .safetensors file of that network).
 
-    Imports timm to read its registry; builds nothing.
+    Imports timm to read its registry; with weights, builds the (small) student to check they fit it,
+    before any teacher is built.
     """
     timm = import_timm()
     if not timm.is_model(name):
@@ -451,13 +452,18 @@ def check_timm_input(name: str, weights: Optional[str], *, name_key: str, weight
                 f.keys()
         except Exception as exc:  # safetensors' own error types
             raise InputError(f"{weights_key}: {weights!r} cannot be read as safetensors ({exc})") from exc
+        try:  # the student is small: building it here costs little beside the teacher it saves
+            build_timm_backbone(name, weights)
+        except ValueError as exc:
+            raise InputError(f"{weights_key}: {exc}") from exc
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
     """Everything a distillation run reads, checked before any model is built; errors name the key."""
     require_source(cfg.data.train, "data.train")
-    if cfg.method == "datafree" and is_synthetic_set(cfg.data.train):
-        cfg, _ = datafree_config(cfg, log=lambda message: None)  # the teacher the run will load
+    if cfg.method == "datafree" and is_synthetic_set(cfg.data.train) and not cfg.train.resume:
+        # the teacher the run will load (a resumed run's comes from its checkpoint)
+        cfg, _ = datafree_config(cfg, log=lambda message: None)
     if cfg.data.class_names or cfg.method != "datafree":  # datafree: the synthetic set names its classes
         check_class_names(cfg.data.class_names, "data.class_names")
     check_templates(cfg.data.templates, "data.templates")

@@ -199,7 +199,7 @@ class RunConfig:
                     raise ConfigError(f"{key} does not apply to the data-free recipe (a synthetic set's images, a "
                                       f"timm student trained in float32 with train.precision's autocast): unset it")
             size = self.learner.options.get("image_size")
-            if size is not None and size < 8:
+            if isinstance(size, int) and size < 8:  # another type: the options' type check names it
                 raise ConfigError(f"learner.options.image_size must be >= 8 (the student's input side), got {size}")
         if self.loss.feature_weight < 0 or (self.loss.feature_weight and self.method != "datafree"):
             raise ConfigError(f"loss.feature_weight must be >= 0 and belongs to method 'datafree', got "

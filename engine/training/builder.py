@@ -8,6 +8,7 @@ training run's by construction.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -337,6 +338,11 @@ def _resumed_config(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
         log(f"clipdistill: --resume: taken from {path.name}, as the run started with them (you did not set "
             f"them): " + ", ".join(f"{k}={_short(v)}" for k, v in ((k, _lookup(dump_run_config(resumed), k))
                                                                      for k in taken)))
+    if resumed.method == "datafree" and resumed.explicit_keys is not None:
+        # The teacher is now the run's own (from the checkpoint, or as the user set it): the synthetic
+        # set's plan must not replace it (training.sources.datafree_config fills unset keys only).
+        resumed = copy.copy(resumed)
+        resumed.explicit_keys = resumed.explicit_keys | {"teacher.name", "teacher.weights"}
     return resumed
 
 

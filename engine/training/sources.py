@@ -5,6 +5,7 @@ takes from its synthetic set. The training run (:mod:`.builder`) and the teacher
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,7 +25,8 @@ def image_source(path: str, key: str, *, lists: str, resuming: bool,
     """
     if synthetic is None and not is_synthetic_set(path):
         return resolve_source(path, cache_dir=lists, keep_saved=resuming)
-    saved = Path(lists) / f"{key.replace('.', '_')}-synthetic.txt"
+    where = hashlib.sha1(str(Path(path).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    saved = Path(lists) / f"{key.replace('.', '_')}-synthetic-{where}.txt"  # one list per set
     if resuming and saved.is_file():
         return SampleList.load(saved)
     samples = (synthetic or read_synthetic_set(path, what=key)).samples

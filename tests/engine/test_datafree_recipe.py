@@ -379,3 +379,46 @@ def test_the_diversity_report_runs_on_the_sets(sets, tmp_path):
     for entry in result["sets"].values():
         assert set(entry["per_class"]) == set(CLASSES) and 0 <= entry["overall"] <= 2
     assert result["plot"] and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_with_another_teacher_resumes_with_it(sets, tmp_path):
+    train, held = sets
+    run = tmp_path / "run"
+    keys = [k for k in _overrides(train, held, run, **{"train.epochs": 1}) if "heldout" not in k]
+    logged: list[str] = []
+    distill(load_run_config(None, [*keys, "teacher.name=clipdistill-tiny-student", "teacher.weights=null"],
+                            recipe="datafree"), log=logged.append)
+    assert any("WARNING: data.train was synthesized with teacher" in m for m in logged)
+    resumed = [*keys, "train.epochs=2", "train.resume=true"]
+    summary = distill(load_run_config(None, resumed, recipe="datafree"), log=lambda m: None)
+    state = ckpt.load_checkpoint(summary["checkpoint"])
+    assert state["step"] == 6
+    assert (state["config"]["teacher"]["name"], state["config"]["teacher"]["weights"]) == ("clipdistill-tiny-student",
+                                                                                          None)
+
+
+def test_student_weights_that_do_not_fit_are_named_before_the_teacher_is_built(sets, tmp_path):
+    from safetensors.torch import save_file
+
+    train, held = sets
+    misfit = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in build_timm_backbone("test_resnet").state_dict().items()}, str(misfit))
+    out = tmp_path / "r"
+    proc = _cli("distill", "--recipe", "datafree", *_overrides(train, held, out, **{"student.weights": str(misfit)}),
+                cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"clipdistill distill: error: student.weights: student.weights {str(misfit)!r} does "
+                               f"not fit timm {STUDENT!r}")
+    assert not (out / "class_vectors").exists()  # no teacher was built
+
+
+def test_each_synthetic_set_keeps_its_own_saved_list(sets, tmp_path):
+    from clipdistill.engine.training.sources import image_source
+
+    train, held = sets
+    lists = str(tmp_path / "lists")
+    first = image_source(str(train), "data.train", lists=lists, resuming=True)
+    second = image_source(str(held), "data.train", lists=lists, resuming=True)
+    assert (len(first), len(second)) == (12, 6)
+    assert len(image_source(str(train), "data.train", lists=lists, resuming=True)) == 12
