@@ -154,8 +154,9 @@ def register(subparsers) -> None:
 
     evaluate = subparsers.add_parser(
         "datafree-eval",
-        help="data-free: (old name, kept for one release) agreement of a distilled student with its teacher on a "
-             "synthetic set; clipdistill eval --checkpoint CKPT --unlabeled SET does the same",
+        help="data-free: (old name, kept for one release) agreement and KL of a distilled student with its teacher "
+             "on the images a synthetic set's manifest lists, and each one's top-1 against the class an image was "
+             "made for (over the classes the set holds images of)",
     )
     add_checkpoint(evaluate, help="a data-free run's checkpoint or best.safetensors, a run folder, or an export file")
     evaluate.add_argument("--data", required=True, help="a synthetic set (held out from training)")
