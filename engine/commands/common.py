@@ -442,7 +442,8 @@ def check_timm_input(name: str, weights: Optional[str], *, name_key: str, weight
     timm = import_timm()
     if not timm.is_model(name):
         near = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
-        raise InputError(f"{name_key}: {name!r} is not a timm model" + (f" (similar: {', '.join(near)})" if near else ""))
+        similar = f" (similar: {', '.join(near)})" if near else ""
+        raise InputError(f"{name_key}: {name!r} is not a timm model{similar}")
     if weights is not None:
         require_file(weights, weights_key, "timm weights file (.safetensors)")
         if not str(weights).endswith(".safetensors"):
@@ -491,7 +492,8 @@ def check_run_inputs(cfg: RunConfig) -> None:
 __all__ = [
     "EXIT_OK", "EXIT_RUNTIME", "EXIT_INPUT", "EXIT_NONFINITE", "EXIT_INTERRUPTED", "InputError",
     "exit_code_for", "one_line", "HelpFormatter", "add_old_spelling", "old_spelling_notes", "add_teacher",
-    "add_class_names", "add_checkpoint", "checkpoint_arg", "run_checkpoint", "add_out_file", "add_out_dir", "add_device",
+    "add_class_names", "add_checkpoint", "checkpoint_arg", "run_checkpoint", "add_out_file", "add_out_dir",
+    "add_device",
     "common_options", "verbosity", "configure_logging", "reporter", "named", "require_file", "require_dir",
     "require_path", "require_out_file", "require_out_dir", "require_source", "check_class_names",
     "check_templates", "check_model_input", "check_timm_input", "check_run_inputs",

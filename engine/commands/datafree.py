@@ -147,9 +147,9 @@ def register(subparsers) -> None:
         if flag not in ("--data", "--out-dir", "--teacher", "--teacher-weights", "--device"):
             train.add_argument(flag, type=kind, default=None, help=f"sets {key} (default: the datafree recipe's)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    _add_teacher_arguments(train, None, weights_help="pretrained tag or local checkpoint (default: the set's teacher's "
-                                                     "weights when --teacher is the set's teacher or not given; else "
-                                                     "the datafree recipe's, openai)")
+    _add_teacher_arguments(train, None, weights_help="pretrained tag or local checkpoint (default: the set's "
+                                                     "teacher's weights when --teacher is the set's teacher or not "
+                                                     "given; else the datafree recipe's, openai)")
     train.set_defaults(func=run_distill)
 
     evaluate = subparsers.add_parser(

@@ -192,7 +192,8 @@ class RunConfig:
                               f"named by student.name), got method {self.method!r} with learner.kind "
                               f"{self.learner.kind!r}")
         if self.method == "datafree":
-            ignored = {"data.shots": self.data.shots is not None, "data.base_classes_only": self.data.base_classes_only,
+            ignored = {"data.shots": self.data.shots is not None,
+                       "data.base_classes_only": self.data.base_classes_only,
                        "student.precision": self.student.precision is not None}
             for key, is_set in ignored.items():
                 if is_set:

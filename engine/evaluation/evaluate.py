@@ -432,7 +432,8 @@ def distilled_classifier(distilled, clip, class_names: Sequence[str], templates:
                                                 device=module_device(clip), cache_dir=cache_dir)
         else:
             raise EvalInputError(
-                f"the {distilled.learner_kind} student {distilled.path} scores images against the teacher's class vectors, and "
+                f"the {distilled.learner_kind} student {distilled.path} scores images against the teacher's class "
+                f"vectors, and "
                 f"it holds none for these {len(names)} names and templates: evaluate with its teacher "
                 f"({distilled.teacher.get('name')!r}), or export for these names first"
             )
@@ -529,7 +530,8 @@ def _models_to_load(spec, teacher: Optional[dict], student: Optional[dict], *, u
             teacher["prompts"] = spec.teacher.get("prompts")
         if spec.learner_kind in TEACHER_SPACE_KINDS and use_teacher and teacher["name"] != spec.teacher.get("name"):
             raise EvalInputError(
-                f"the {spec.learner_kind} student {spec.path} was distilled from teacher {spec.teacher.get('name')!r} and scores "
+                f"the {spec.learner_kind} student {spec.path} was distilled from teacher "
+                f"{spec.teacher.get('name')!r} and scores "
                 f"images against that teacher's class vectors; teacher {teacher['name']!r} was given"
             )
     if use_teacher and teacher.get("weights") and not teacher.get("name"):
@@ -583,8 +585,8 @@ class _LoadedModels:
             vectors = encode_class_names(self.clip.encode_text, self.tokenizer, names, templates, device=self.device)
             out.append(zero_shot_classifier(self.clip, vectors, input=self.student_input))
         if self.spec is not None:
-            module = distilled_classifier(self.spec, self.distilled_backbone, names, templates, teacher=self.teacher_model,
-                                          cache_dir=self.class_vector_cache)
+            module = distilled_classifier(self.spec, self.distilled_backbone, names, templates,
+                                          teacher=self.teacher_model, cache_dir=self.class_vector_cache)
             out.append(module_classifier(module, input=self.student_input))
         return out
 

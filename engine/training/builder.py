@@ -41,9 +41,9 @@ from clipdistill.engine.training.teacher_cache import CachedTeacher, TeacherCach
 from clipdistill.engine.training.tune_teacher import draw_shots
 from clipdistill.loaders.loader import ImageLoader, OutputSpec
 from clipdistill.loaders.sources import SampleList
+from clipdistill.loaders.views import ReplayViews
 
 ImageSpec = tuple[int, tuple, tuple]  # (side, mean, std) of a model's input
-from clipdistill.loaders.views import ReplayViews
 
 
 @dataclass
