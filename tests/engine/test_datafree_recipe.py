@@ -154,8 +154,11 @@ def test_sigkill_then_resume_equals_uninterrupted(sets, tmp_path):
     proc = _cli(*full, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     killed = [*common, "train.out_dir=" + str(tmp_path / "killed")]
-    kill_after = int(np.random.default_rng().integers(2, 7))  # of 9 steps
-    _kill.run_then_sigkill(killed, cwd=tmp_path, metrics=tmp_path / "killed" / "metrics.jsonl", after_lines=kill_after)
+    kill_after = int(np.random.default_rng().integers(2, 7))  # a random step of 9
+    # Two metrics lines a step (the losses, then the held-out selection before the checkpoint): after
+    # step k's, the checkpoints of steps 1 .. k-1 are written.
+    _kill.run_then_sigkill(killed, cwd=tmp_path, metrics=tmp_path / "killed" / "metrics.jsonl",
+                           after_lines=2 * kill_after)
     killed_at = max(step for step, _ in ckpt.list_checkpoints(tmp_path / "killed" / "checkpoints"))
     proc = _cli(*killed, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
