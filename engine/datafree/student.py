@@ -144,11 +144,12 @@ class TimmStudent(nn.Module):
         (its batch norm takes statistics of real images only); padding rows get zero features,
         and their loss weight is 0. Given only for a batch with padding (the end of an epoch).
         """
-        if row_mask is not None and self.training and bool(row_mask.any()) and not bool(row_mask.all()):
-            rows = row_mask.nonzero().squeeze(1)
-            real = self.head(self._encode_training(images.index_select(0, rows)).float())
-            features = real.new_zeros(images.shape[0], real.shape[1]).index_copy(0, rows, real)
-            return F.normalize(features, dim=-1)
+        if row_mask is not None and self.training:
+            rows = row_mask.nonzero().squeeze(1)  # one host sync, for a masked batch only
+            if 0 < rows.numel() < images.shape[0]:
+                real = self.head(self._encode_training(images.index_select(0, rows)).float())
+                features = real.new_zeros(images.shape[0], real.shape[1]).index_copy(0, rows, real)
+                return F.normalize(features, dim=-1)
         return F.normalize(self.head(self._encode_training(images).float()), dim=-1)
 
     def _encode_training(self, images: torch.Tensor) -> torch.Tensor:
@@ -175,10 +176,7 @@ class TimmStudent(nn.Module):
 
 def student_image_spec(learner: nn.Module) -> tuple[int, tuple, tuple]:
     """(side, mean, std) of any student's input: the data-free student's own, a prompt learner's CLIP's."""
-    if isinstance(learner, TimmStudent):
-        return learner.image_spec()
-    size, mean, std = image_spec(learner.clip)
-    return size, tuple(mean), tuple(std)
+    return learner.image_spec() if isinstance(learner, TimmStudent) else image_spec(learner.clip)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -608,12 +608,10 @@ def _load_models(spec, teacher: Optional[dict], student: dict, *, device: torch.
             raise EvalInputError(f"{exc}; or evaluate without the teacher row") from exc
         models.teacher_input = output_for(models.teacher_model.model, "teacher")
         log(f"clipdistill eval: teacher {teacher['name']} tuned ({teacher['prompts']})")
-    elif teacher is not None and spec is not None and spec.method == "datafree" and teacher.get("weights") is None:
-        # a random-init teacher (smoke tests) is the one the synthetic set and the run were made with
-        models.teacher_model = load_teacher(teacher["name"], None, device)
-        models.teacher_input = output_for(models.teacher_model.model, "teacher")
     elif teacher is not None:
-        models.teacher_model = build_teacher(teacher["name"], teacher.get("weights"), device=device)
+        # a data-free run's random-init teacher (smoke tests) is the seeded one its synthetic set was made with
+        build = load_teacher if spec is not None and spec.method == "datafree" else build_teacher
+        models.teacher_model = build(teacher["name"], teacher.get("weights"), device=device)
         models.teacher_input = output_for(models.teacher_model.model, "teacher")
         log(f"clipdistill eval: teacher {teacher['name']} ({teacher.get('weights')})")
     if spec is not None and spec.learner_kind == DATAFREE_KIND:

@@ -191,7 +191,7 @@ def _outputs(student_spec: ImageSpec, teacher: Optional[nn.Module]) -> tuple[lis
     if teacher is None:
         return outputs, None
     spec = image_spec(teacher.model)
-    if spec == (s_size, tuple(s_mean), tuple(s_std)):
+    if spec == (s_size, s_mean, s_std):
         return outputs, "student"
     return outputs + [OutputSpec("teacher", *spec)], "teacher"
 
